@@ -1,0 +1,187 @@
+"""Rewards for math answers: extraction, equivalence, majority vote.
+
+    extract_answer(text)        the content of the last \\boxed{...} / \\fbox{...} (brace counting)
+    answers_equivalent(a, b)    math-verify equivalence, made symmetric:
+                                    verify(gold=a, target=b) or verify(gold=b, target=a)
+    majority_vote(answers)      greedy equivalence clusters; gold = representative of the unique
+                                largest cluster, reward r_i = 1[answer_i in that cluster]
+    score(response, gold)       r = 1[extract_answer(response) equivalent to gold]
+
+Curation (data.py) labels teacher samples with majority_vote, and eval/ grades samples with score.
+
+Timeouts. math-verify bounds its sympy work with signal.alarm, which only works in the main
+thread. We keep that bound (TIMEOUT_SECONDS) in the main thread -- a comparison such as
+9^{9^{9}} vs 2 otherwise runs for minutes -- and disable it elsewhere so that the functions can
+be called from worker threads (there a pathological answer can be slow; the caller bounds it).
+A comparison that times out counts as "not equivalent".
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+
+from math_verify import parse, verify
+
+TIMEOUT_SECONDS = 5  # per parse / per comparison, main thread only (see module docstring)
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def _timeout() -> int | None:
+    """math-verify's timeout for the calling thread: signals are only usable in the main thread."""
+    return TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# extraction
+
+
+def _braced_content(text: str, open_pos: int) -> str | None:
+    """Content between text[open_pos] == '{' and its matching '}', or None if never closed.
+
+    Escaped braces (\\{ and \\}) do not count, so \\boxed{\\{1,2\\}} gives \\{1,2\\}.
+    """
+    depth = 0
+    i = open_pos
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # skip the escaped character (\{, \}, \\)
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_pos + 1 : i]
+        i += 1
+    return None
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The stripped content of the LAST \\boxed{...} or \\fbox{...} in text.
+
+    Nested braces are matched by counting (\\boxed{\\frac{1}{2}} -> \\frac{1}{2}). The brace-less
+    form `\\boxed 5` gives the following run of non-space characters (trailing . , ; dropped).
+    Returns None when there is no box, when the last box is never closed (a truncated response),
+    or when it is empty.
+    """
+    if not text:
+        return None
+    matches = list(_BOX_RE.finditer(text))
+    if not matches:
+        return None
+    end = matches[-1].end()
+    rest = text[end:]
+    stripped = rest.lstrip()
+    if stripped.startswith("{"):
+        content = _braced_content(text, end + (len(rest) - len(stripped)))
+    elif rest[:1].isspace():
+        # `\boxed 5`: LaTeX takes one token, but models mean the whole number that follows.
+        m = re.match(r"[^\s${}]+", stripped)
+        content = m.group(0).rstrip(".,;") if m else None
+    else:
+        content = None  # `\boxed` at the very end, or `\boxed$`
+    if content is None:
+        return None
+    content = content.strip()
+    return content or None
+
+
+# ------------------------------------------------------------------------------------------------
+# equivalence
+
+
+def _normalise(s: str) -> str:
+    return " ".join(s.split())
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse(answer: str) -> tuple:
+    """math-verify parse of a bare answer, wrapped in $...$ so that it is read as LaTeX.
+
+    ($...$ rather than \\boxed{...}: both parse the same on the cases we tried, except that
+    `3.` only parses inside $...$ and an unbalanced `\\frac{` gets mangled inside a box.)
+    Returns a tuple (hashable, immutable) of parsed objects; () when nothing parses.
+    """
+    try:
+        return tuple(parse("$" + answer + "$", parsing_timeout=_timeout()))
+    except BaseException as e:  # math-verify's TimeoutException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return ()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _verify(gold: str, target: str) -> bool:
+    pg, pt = _parse(gold), _parse(target)
+    if not pg or not pt:
+        return False
+    try:
+        return bool(verify(list(pg), list(pt), timeout_seconds=_timeout()))
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return False
+
+
+def answers_equivalent(a: str | None, b: str | None) -> bool:
+    """True when a and b denote the same mathematical answer (never raises).
+
+    Equal strings after collapsing whitespace are equivalent without parsing. Otherwise both are
+    parsed with math-verify and compared in both directions (math-verify's verify is asymmetric for
+    equations and intervals, e.g. x<2 vs (-\\infty, 2)). Missing/empty answers, parse failures and
+    timeouts give False.
+    """
+    if a is None or b is None:
+        return False
+    na, nb = _normalise(a), _normalise(b)
+    if not na or not nb:
+        return False
+    if na == nb:
+        return True
+    return _verify(na, nb) or _verify(nb, na)
+
+
+# ------------------------------------------------------------------------------------------------
+# majority vote and scoring
+
+
+def majority_vote(answers: list[str | None]) -> tuple[str | None, list[float]]:
+    """Majority answer of a group and the 0/1 rewards it implies.
+
+    Greedy clustering: each non-None answer joins the first existing cluster whose representative
+    (its first member) is equivalent to it, else it opens a new cluster. None answers join no
+    cluster. gold = representative of the largest cluster, and r_i = 1.0 for its members, 0.0 for
+    everyone else. If no answer is present, or two clusters tie for the largest, gold is None and
+    every reward is 0.0.
+    """
+    clusters: list[list[int]] = []  # indices into answers; clusters[c][0] is the representative
+    for i, ans in enumerate(answers):
+        if ans is None:
+            continue
+        for members in clusters:
+            if answers_equivalent(answers[members[0]], ans):
+                members.append(i)
+                break
+        else:
+            clusters.append([i])
+    rewards = [0.0] * len(answers)
+    if not clusters:
+        return None, rewards
+    sizes = sorted((len(c) for c in clusters), reverse=True)
+    if len(sizes) > 1 and sizes[0] == sizes[1]:
+        return None, rewards
+    best = max(clusters, key=len)
+    for i in best:
+        rewards[i] = 1.0
+    return answers[best[0]], rewards
+
+
+def score(response_text: str, gold: str | None) -> float:
+    """1.0 if the last boxed answer of response_text is equivalent to gold, else 0.0."""
+    if gold is None:
+        return 0.0
+    return 1.0 if answers_equivalent(extract_answer(response_text), gold) else 0.0
