@@ -1,0 +1,341 @@
+"""Data: OpenThoughts3 reading, curation into groups, difficulty-aware sampling, tokenisation, batching.
+
+Flow: raw rows (JSONL/parquet) --curate--> curated JSONL (one record per question) --read_records-->
+records --GroupDataset--> token groups --GroupSampler + collate--> batches for train.py.
+
+Curated record (one JSONL line per question):
+    {"id", "question", "responses": [G str], "rewards": [G float], "gold": str | null,
+     "agreement": float, "all_positive": bool, "difficulty": int | null, "source": str | null, "dag"?: {...}}
+
+Malformed-input rule (raw rows and curated records alike): a malformed line is skipped and counted by
+reason, with the first offending file:line named; if more than 1% of the non-blank lines are malformed the
+read aborts with DataError (the CLI prints its one-line message, no traceback, and exits with status 2).
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+from collections import Counter
+
+import numpy as np
+import torch
+
+MAX_MALFORMED_FRACTION = 0.01
+REQUIRED_KEYS = {"id", "question", "responses", "rewards", "gold", "agreement", "all_positive",
+                 "difficulty", "source"}
+
+
+class DataError(Exception):
+    """Input data unusable as a whole (too many malformed lines, no rows, a broken chat template)."""
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
+
+
+class MalformedCounter:
+    """Counts skipped lines by reason and remembers the first offending file:line of each reason."""
+
+    def __init__(self):
+        self.total = 0  # non-blank lines seen
+        self.reasons = {}  # reason -> {"count": int, "first": "file:line"}
+
+    def bad(self, reason, where):
+        entry = self.reasons.setdefault(reason, {"count": 0, "first": where})
+        entry["count"] += 1
+
+    @property
+    def num_malformed(self):
+        return sum(e["count"] for e in self.reasons.values())
+
+    def check(self, what):
+        """Raise DataError when nothing was read or more than MAX_MALFORMED_FRACTION of lines are malformed."""
+        if self.total == 0:
+            raise DataError(f"{what}: no rows read")
+        if self.num_malformed > MAX_MALFORMED_FRACTION * self.total:
+            detail = ", ".join(f"{r} x{e['count']} (first at {e['first']})" for r, e in sorted(self.reasons.items()))
+            raise DataError(f"{what}: {self.num_malformed}/{self.total} lines malformed "
+                            f"(> {MAX_MALFORMED_FRACTION:.0%}): {detail}")
+
+
+def iter_json_lines(path, counter, wanted=None):
+    """Yield (line_no, obj) for each non-blank line of a JSONL file that decodes to a JSON object.
+
+    Bytes are decoded strictly as UTF-8 (invalid bytes -> reason "non_utf8"). With `wanted` (a set of line
+    numbers) other lines are neither decoded nor counted (the second curation pass)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if wanted is not None:
+                if line_no in wanted:
+                    yield line_no, json.loads(raw)
+                continue
+            if not raw.strip():
+                continue
+            counter.total += 1
+            where = f"{path}:{line_no}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                counter.bad("non_utf8", where)
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                counter.bad("bad_json", where)
+                continue
+            if not isinstance(obj, dict):
+                counter.bad("not_object", where)
+                continue
+            yield line_no, obj
+
+
+# --------------------------------------------------------------------------- curated records (training side)
+
+def validate_record(rec):
+    """Return None if `rec` follows the curated schema, else the reason string."""
+    str_or_none = (str, type(None))
+    missing = REQUIRED_KEYS - rec.keys()
+    if missing:
+        return "missing_key"
+    if not isinstance(rec["id"], str) or not isinstance(rec["question"], str) or not rec["question"]:
+        return "bad_id_or_question"
+    responses, rewards = rec["responses"], rec["rewards"]
+    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r for r in responses):
+        return "bad_responses"
+    if (not isinstance(rewards, list) or len(rewards) != len(responses)
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards)):
+        return "bad_rewards"
+    if not isinstance(rec["gold"], str_or_none) or not isinstance(rec["source"], str_or_none):
+        return "bad_gold_or_source"
+    agreement = rec["agreement"]
+    if not isinstance(agreement, (int, float)) or isinstance(agreement, bool) or not 0.0 <= agreement <= 1.0:
+        return "bad_agreement"
+    if not isinstance(rec["all_positive"], bool):
+        return "bad_all_positive"
+    difficulty = rec["difficulty"]
+    if difficulty is not None and (not isinstance(difficulty, int) or isinstance(difficulty, bool)):
+        return "bad_difficulty"
+    if "dag" in rec and not isinstance(rec["dag"], dict):
+        return "bad_dag"
+    return None
+
+
+def read_records(path):
+    """Read a curated JSONL file -> list of records (schema in the module docstring).
+
+    Malformed lines (bad JSON, non-UTF-8, schema violations, duplicate ids) are skipped and counted; a
+    one-line summary is printed (rank 0) when any were; more than 1% malformed raises DataError."""
+    counter, records, seen = MalformedCounter(), [], set()
+    for line_no, rec in iter_json_lines(path, counter):
+        reason = validate_record(rec)
+        if reason is None and rec["id"] in seen:
+            reason = "duplicate_id"
+        if reason is not None:
+            counter.bad(reason, f"{path}:{line_no}")
+            continue
+        seen.add(rec["id"])
+        records.append(rec)
+    counter.check(f"read_records({path})")
+    if counter.num_malformed:
+        print0(f"read_records: skipped {counter.num_malformed}/{counter.total} malformed lines: {counter.reasons}")
+    return records
+
+
+def sampling_weights(records, *, agreement_weights, difficulty_weights, pass_rates=None, pass_rate_band=(0.0, 1.0)):
+    """Per-question sampling weight (for GroupSampler):
+
+        w(q) = w_agreement(bucket(agreement_q)) * w_difficulty(difficulty_q) * f(pass_rate_q)
+
+    - agreement_weights: {lower_bound: weight} (keys floats or numeric strings, e.g. {0.5: 1, 0.75: 1, 1.0: 0.5});
+      the bucket of an agreement a is the largest lower bound <= a, so the example reads [0.5, 0.75) -> 1,
+      [0.75, 1.0) -> 1, exactly 1.0 -> 0.5. An agreement below every bound raises DataError.
+      None: factor 1 for every question.
+    - difficulty_weights: {difficulty: weight} (keys compared as str(int)); a question whose difficulty is
+      null or not listed gets factor 1. None: factor 1 for every question.
+    - pass_rates: {question_id: student pass rate in [0, 1]} from an eval run, with band (low, high):
+          f(rate) = 0                      if rate >= high   (the student already solves it: no signal)
+          f(rate) = 1 - max(rate, low)     otherwise        (rarer success -> larger weight, capped at 1 - low)
+      Questions missing from pass_rates are treated as rate 0 (never seen solved): f = 1 - low.
+      pass_rates that match none of the records raise DataError (an id mismatch, not a choice).
+      None: factor 1 for every question.
+    """
+    low, high = pass_rate_band
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"pass_rate_band must satisfy 0 <= low < high <= 1, got {pass_rate_band}")
+    bounds = None
+    if agreement_weights is not None:
+        bounds = sorted((float(k), float(w)) for k, w in agreement_weights.items())
+    diff_w = None if difficulty_weights is None else {str(int(k)): float(w) for k, w in difficulty_weights.items()}
+    if pass_rates is not None and not any(r["id"] in pass_rates for r in records):
+        raise DataError("pass_rates: none of the question ids match the records")
+    weights = []
+    for rec in records:
+        w = 1.0
+        if bounds is not None:
+            below = [bw for b, bw in bounds if b <= rec["agreement"]]
+            if not below:
+                raise DataError(f"question {rec['id']}: agreement {rec['agreement']} below every bucket {bounds}")
+            w *= below[-1]
+        if diff_w is not None and rec["difficulty"] is not None:
+            w *= diff_w[str(rec["difficulty"])] if str(rec["difficulty"]) in diff_w else 1.0
+        if pass_rates is not None:
+            rate = float(pass_rates[rec["id"]]) if rec["id"] in pass_rates else 0.0
+            w *= 0.0 if rate >= high else 1.0 - max(rate, low)
+        weights.append(w)
+    return weights
+
+
+def _ids(encoded):
+    """apply_chat_template(tokenize=True) returns a list in transformers 4 and a BatchEncoding in 5."""
+    ids = encoded["input_ids"] if not isinstance(encoded, list) else encoded
+    return list(ids)
+
+
+class GroupDataset:
+    """Tokenised question groups.
+
+    prompt ids = chat_template([user: question], add_generation_prompt=True); full ids = chat_template(
+    [user: question, assistant: response]). The prompt must be a prefix of the full ids (else DataError:
+    the template rewrites earlier turns or merges tokens across the boundary, and the mask would be wrong).
+    The response ends at the LAST end-of-turn token (default "<|im_end|>") of the full ids; everything the
+    template appends after it (ChatML's trailing "\\n") is cut, because generation stops at the end-of-turn
+    token, so the model never produces those tokens and must not be trained on them. Hence
+        input_ids = prompt + response + <|im_end|>,  loss_mask = 0 on the prompt, 1 on the rest.
+    Sequences longer than max_len are dropped (counted); a question keeps its first group_size fitting
+    responses, or is dropped (counted) if fewer fit. Ids are stored as int32 arrays (memory at real scale).
+    """
+
+    def __init__(self, records, tokenizer, *, group_size, max_len, end_of_turn="<|im_end|>"):
+        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if eot_id is None or eot_id == tokenizer.unk_token_id:
+            raise DataError(f"tokenizer has no end-of-turn token {end_of_turn!r}")
+        self.group_size, self.max_len = group_size, max_len
+        self.items = []  # (record, prompt_len, [int32 arrays of full ids], rewards)
+        self.report = {"questions_in": len(records), "questions_kept": 0, "questions_dropped_too_few_fit": 0,
+                       "responses_in": 0, "responses_dropped_too_long": 0}
+        for rec in records:
+            user = {"role": "user", "content": rec["question"]}
+            prompt = _ids(tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=True))
+            seqs, rewards = [], []
+            for response, reward in zip(rec["responses"], rec["rewards"]):
+                self.report["responses_in"] += 1
+                if len(seqs) == group_size:
+                    continue  # first group_size fitting responses only; the rest are not tokenised
+                full = _ids(tokenizer.apply_chat_template(
+                    [user, {"role": "assistant", "content": response}], tokenize=True))
+                if full[:len(prompt)] != prompt:
+                    raise DataError(f"question {rec['id']}: the chat template's prompt is not a prefix of "
+                                    "prompt+response; the loss mask cannot be placed")
+                ends = [i for i in range(len(full) - 1, len(prompt) - 1, -1) if full[i] == eot_id]
+                if not ends:
+                    raise DataError(f"question {rec['id']}: no {end_of_turn!r} after the prompt in the template")
+                full = full[:ends[0] + 1]
+                if len(full) > max_len:
+                    self.report["responses_dropped_too_long"] += 1
+                    continue
+                seqs.append(np.asarray(full, dtype=np.int32))
+                rewards.append(float(reward))
+            if len(seqs) < group_size:
+                self.report["questions_dropped_too_few_fit"] += 1
+                continue
+            self.items.append((rec, len(prompt), seqs, rewards))
+        self.report["questions_kept"] = len(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        rec, prompt_len, seqs, rewards = self.items[i]
+        return dict(input_ids=[s.tolist() for s in seqs],
+                    loss_mask=[[0] * prompt_len + [1] * (len(s) - prompt_len) for s in seqs],
+                    rewards=list(rewards), prompt_ids=seqs[0][:prompt_len].tolist(),
+                    question_id=rec["id"], gold=rec["gold"])
+
+
+def collate(items, pad_id):
+    """Items -> right-padded tensors; rows are item0's group, then item1's group, ... (B = sum of groups).
+
+    input_ids [B, T] long (pad_id after the end), attention_mask [B, T] long, loss_mask [B, T] float aligned
+    with input_ids (train shifts: targets input_ids[:, 1:], mask loss_mask[:, 1:]), rewards [B] float."""
+    rows = [(ids, m) for it in items for ids, m in zip(it["input_ids"], it["loss_mask"])]
+    B, T = len(rows), max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros(B, T, dtype=torch.long)  # [B, T]
+    loss_mask = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
+    for b, (ids, m) in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, :len(ids)] = 1
+        loss_mask[b, :len(m)] = torch.tensor(m, dtype=torch.float32)
+    rewards = torch.tensor([r for it in items for r in it["rewards"]], dtype=torch.float32)  # [B]
+    return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, rewards=rewards)
+
+
+class GroupSampler:
+    """Deterministic, resumable, rank-sharded question sampler.
+
+    The question stream is the concatenation of per-epoch permutations; epoch e's permutation comes from
+    numpy.random.default_rng([seed, e]): uniform without weights; with weights, the Efraimidis-Spirakis
+    weighted order without replacement (key_i = u_i^(1/w_i), descending; computed as log(u_i)/w_i) over the
+    questions with w_i > 0 -- a weight-0 question is never drawn and an epoch holds only positive-weight
+    questions. Global step s is the next questions_per_step entries of the stream; when an epoch runs out
+    mid-step the step continues into the next epoch's permutation (so a step may then repeat a question).
+    Rank r gets chunk[r::world_size], so the global step's questions never depend on world_size.
+    State (resumable): epoch and position of the next draw; .epoch is the epoch the next step starts in
+    and .progress the fractional epoch count (for logging).
+    """
+
+    def __init__(self, num_questions, questions_per_step, *, rank, world_size, seed, weights=None):
+        if questions_per_step % world_size != 0:
+            raise ValueError(f"questions_per_step {questions_per_step} not divisible by world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (num_questions,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+                raise ValueError("weights must be num_questions finite non-negative numbers")
+            if not np.any(weights > 0):
+                raise ValueError("all sampling weights are 0")
+        elif num_questions == 0:
+            raise ValueError("no questions to sample")
+        self.num_questions, self.questions_per_step = num_questions, questions_per_step
+        self.rank, self.world_size, self.seed, self.weights = rank, world_size, seed, weights
+        self.epoch, self.position = 0, 0
+        self._perm_epoch, self._perm = None, None
+
+    def permutation(self, epoch):
+        if self._perm_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.weights is None:
+                self._perm = rng.permutation(self.num_questions)
+            else:
+                u = rng.random(self.num_questions)
+                positive = np.flatnonzero(self.weights > 0)
+                log_keys = np.log(u[positive]) / self.weights[positive]  # log(u^(1/w)), same order as u^(1/w)
+                self._perm = positive[np.argsort(-log_keys, kind="stable")]
+            self._perm_epoch = epoch
+        return self._perm
+
+    @property
+    def progress(self):
+        return self.epoch + self.position / len(self.permutation(self.epoch))
+
+    def next_step(self):
+        """This rank's question indices for the next global step."""
+        chunk = []
+        while len(chunk) < self.questions_per_step:
+            perm = self.permutation(self.epoch)
+            take = perm[self.position:self.position + self.questions_per_step - len(chunk)]
+            chunk.extend(int(i) for i in take)
+            self.position += len(take)
+            if self.position == len(perm):
+                self.epoch, self.position = self.epoch + 1, 0
+        return chunk[self.rank::self.world_size]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

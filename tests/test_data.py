@@ -1,0 +1,166 @@
+"""Tests for data.py: reading, curation, sampling weights, tokenisation mask, collate, GroupSampler."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import DataError, GroupDataset, GroupSampler, collate, read_records, sampling_weights
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    out = tmp_path_factory.mktemp("tok")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(i) for i in range(32, 127)] + ["\n"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                          "'<|im_end|>' + '\n' }}{% endfor %}"
+                          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    fast.save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def record(i, responses, rewards, agreement=1.0, difficulty=None):
+    return {"id": f"q{i}", "question": f"What is {i} + {i}?", "responses": responses, "rewards": rewards,
+            "gold": str(2 * i), "agreement": agreement, "all_positive": all(r > 0 for r in rewards),
+            "difficulty": difficulty, "source": "test"}
+
+
+def write_jsonl(path, rows):
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode())
+    return path
+
+
+# --------------------------------------------------------------------------- read_records
+
+def test_read_records_skips_and_aborts(tmp_path):
+    good = [record(i, ["a"], [1.0]) for i in range(200)]
+    bad = [b"{not json\n", b"\xff\xfe\n", (json.dumps({**record(999, ["a"], [1.0]), "rewards": [1, 0]}) + "\n").encode()]
+    path = write_jsonl(tmp_path / "ok.jsonl", good[:50] + bad[:2] + good[50:100])  # 2/102 > 1%
+    with pytest.raises(DataError, match=r"2/102 lines malformed .*bad_json x1 \(first at .*ok.jsonl:51\), "
+                                         r"non_utf8 x1 \(first at .*ok.jsonl:52\)"):
+        read_records(path)
+    path = write_jsonl(tmp_path / "ok2.jsonl", good + bad[2:] + [b"\n"])  # 1/201 <= 1%, blank line ignored
+    recs = read_records(path)
+    assert [r["id"] for r in recs] == [f"q{i}" for i in range(200)]
+
+
+# --------------------------------------------------------------------------- sampling_weights
+
+def test_sampling_weights_rule():
+    recs = [record(0, ["a"], [1.0], agreement=0.5, difficulty=3),
+            record(1, ["a"], [1.0], agreement=0.8, difficulty=None),
+            record(2, ["a"], [1.0], agreement=1.0, difficulty=7),
+            record(3, ["a"], [1.0], agreement=0.74, difficulty=5)]
+    aw = {"0.5": 1.0, 0.75: 2.0, "1.0": 0.5}
+    w = sampling_weights(recs, agreement_weights=aw, difficulty_weights={3: 3.0, "7": 10.0})
+    assert w == [3.0, 2.0, 5.0, 1.0]  # difficulty 5 unlisted, None -> factor 1
+    rates = {"q0": 0.0, "q1": 0.5, "q2": 0.95, "q3": 0.1}
+    w = sampling_weights(recs, agreement_weights=None, difficulty_weights=None, pass_rates=rates,
+                         pass_rate_band=(0.2, 0.9))
+    assert w == pytest.approx([0.8, 0.5, 0.0, 0.8])  # below low -> 1 - low; >= high -> 0; else 1 - rate
+    w = sampling_weights(recs, agreement_weights=None, difficulty_weights=None, pass_rates={"q1": 1.0})
+    assert w == pytest.approx([1.0, 0.0, 1.0, 1.0])  # missing ids = rate 0
+    with pytest.raises(DataError, match="below every bucket"):
+        sampling_weights(recs, agreement_weights={0.6: 1.0}, difficulty_weights=None)
+    with pytest.raises(DataError, match="none of the question ids"):
+        sampling_weights(recs, agreement_weights=None, difficulty_weights=None, pass_rates={"zz": 0.5})
+
+
+# --------------------------------------------------------------------------- GroupDataset / collate
+
+def test_group_dataset_mask_and_drops(tokenizer):
+    eot = "<|im_end|>"
+    recs = [record(0, ["Think. \\boxed{0}", "x" * 60, "short \\boxed{1}", "third"], [1.0, 0.0, 0.0, 1.0]),
+            record(1, ["y" * 60, "ok", "z" * 70], [0.0, 1.0, 1.0]),
+            record(2, ["r1", "r2"], [1.0, 0.0])]
+    ds = GroupDataset(recs, tokenizer, group_size=2, max_len=60)
+    assert len(ds) == 2
+    assert ds.report == {"questions_in": 3, "questions_kept": 2, "questions_dropped_too_few_fit": 1,
+                         "responses_in": 9, "responses_dropped_too_long": 3}
+    item = ds[0]
+    assert item["rewards"] == [1.0, 0.0] and item["question_id"] == "q0" and item["gold"] == "0"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": recs[0]["question"]}],
+                                           add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert item["prompt_ids"] == list(prompt)
+    for ids, mask, resp in zip(item["input_ids"], item["loss_mask"], ["Think. \\boxed{0}", "short \\boxed{1}"]):
+        assert len(ids) == len(mask) and ids[:len(prompt)] == list(prompt)
+        masked = [t for t, m in zip(ids, mask) if m]
+        assert tokenizer.decode(masked) == resp + eot  # exactly the response + end-of-turn, no trailing "\n"
+        assert all(m == 0 for m in mask[:len(prompt)]) and all(m == 1 for m in mask[len(prompt):])
+        assert tokenizer.decode(ids) == tokenizer.decode(prompt) + resp + eot
+    # q0 kept its 1st and 3rd responses (the 2nd is too long); q1 has only 1 fitting response -> dropped
+    assert ds[1]["question_id"] == "q2" and ds[1]["rewards"] == [1.0, 0.0]
+
+
+def test_collate_shapes_and_alignment(tokenizer):
+    recs = [record(0, ["a", "bbbb"], [1.0, 0.0]), record(11, ["cc", "d"], [0.0, 1.0])]
+    ds = GroupDataset(recs, tokenizer, group_size=2, max_len=100)
+    items = [ds[0], ds[1]]
+    batch = collate(items, pad_id=tokenizer.pad_token_id)
+    rows = [ids for it in items for ids in it["input_ids"]]
+    masks = [m for it in items for m in it["loss_mask"]]
+    T = max(map(len, rows))
+    assert batch["input_ids"].shape == (4, T) and batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"].dtype == torch.long and batch["loss_mask"].dtype == torch.float32
+    assert batch["rewards"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    for b, (ids, m) in enumerate(zip(rows, masks)):
+        assert batch["input_ids"][b, :len(ids)].tolist() == ids
+        assert (batch["input_ids"][b, len(ids):] == tokenizer.pad_token_id).all()
+        assert batch["attention_mask"][b].tolist() == [1] * len(ids) + [0] * (T - len(ids))
+        assert batch["loss_mask"][b].tolist() == [float(x) for x in m] + [0.0] * (T - len(ids))
+
+
+# --------------------------------------------------------------------------- GroupSampler
+
+def test_sampler_shards_resume_and_epochs():
+    one = GroupSampler(10, 4, rank=0, world_size=1, seed=3)
+    two = [GroupSampler(10, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    seen = []
+    for _ in range(6):  # 24 draws = 2.4 epochs: steps cross epoch boundaries
+        full = one.next_step()
+        a, b = (s.next_step() for s in two)
+        assert not set(a) & set(b) or len(set(full)) < 4  # disjoint unless the step spans an epoch repeat
+        assert sorted(a + b) == sorted(full) and full[0::2] == a and full[1::2] == b
+        seen.extend(full)
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert one.epoch == 2 and one.position == 4 and one.progress == pytest.approx(2.4)
+    # resume: a fresh sampler loaded with the state continues with the identical sequence
+    state = one.state_dict()
+    expected = [one.next_step() for _ in range(5)]
+    fresh = GroupSampler(10, 4, rank=0, world_size=1, seed=3)
+    fresh.load_state_dict(json.loads(json.dumps(state)))
+    assert [fresh.next_step() for _ in range(5)] == expected
+    other_seed = GroupSampler(10, 4, rank=0, world_size=1, seed=4)
+    assert [other_seed.next_step() for _ in range(3)] != seen[:12]
+
+
+def test_sampler_weighted():
+    n = 6
+    weights = [0.0, 1.0, 1.0, 2.0, 8.0, 0.0]
+    s = GroupSampler(n, 1, rank=0, world_size=1, seed=0, weights=weights)
+    first = np.zeros(n)
+    for _ in range(4000):  # 1000 epochs of the 4 positive-weight questions
+        draws = [s.next_step()[0] for _ in range(4)]
+        assert sorted(draws) == [1, 2, 3, 4]  # weight 0 never drawn; an epoch holds each positive once
+        first[draws[0]] += 1
+        if s.epoch >= 1000:
+            break
+    p_first = first / first.sum()  # P(first) of a weighted draw without replacement = w / sum(w)
+    np.testing.assert_allclose(p_first[[1, 2, 3, 4]], np.array([1, 1, 2, 8]) / 12, atol=0.04)
+    with pytest.raises(ValueError):
+        GroupSampler(3, 2, rank=0, world_size=1, seed=0, weights=[0, 0, 0])
+    with pytest.raises(ValueError):
+        GroupSampler(3, 3, rank=0, world_size=2, seed=0)
