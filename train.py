@@ -99,6 +99,8 @@ class TrainConfig:
     seed: int = 0                         # sampler order, init, sampling
     max_nonfinite: int = 3                # abort after this many non-finite steps in a row
     sample_every: int = 0                 # decoded samples to samples.jsonl every N steps; 0 = never
+    stop_after: int = 0                   # save and exit at this step (time-boxed jobs; the schedule still
+                                          # follows max_steps, so a resumed run continues it); 0 = never
 
 
 @dataclass
@@ -523,12 +525,13 @@ def run(cfg: Config) -> None:
                     f.writelines(json.dumps({"step": step, **s}) + "\n" for s in shown)
         flag = torch.tensor([float(stop_requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        if step % cfg.train.save_every == 0 or step == total_steps or flag.item() > 0:
+        stop = flag.item() > 0 or step == cfg.train.stop_after
+        if step % cfg.train.save_every == 0 or step == total_steps or stop:
             save(step)
         if cfg.train.hf_every and step % cfg.train.hf_every == 0:
             mu.save_hf(model, tokenizer, os.path.join(out, "hf", f"step-{step}"), dist=d)
-        if flag.item() > 0:
-            print0(f"SIGTERM: saved state at step {step}; exiting")
+        if stop:
+            print0(f"{'SIGTERM' if flag.item() > 0 else 'train.stop_after'}: saved state at step {step}; exiting")
             mu.teardown_distributed()
             sys.exit(0)
     bar.close()

@@ -1,0 +1,211 @@
+"""train.py end to end with real torchrun processes on CPU (gloo): world-size and micro-batch invariance,
+exact resume, HF export, cached vs live reference log-probs, config errors. Tiny model, tiny data."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402  (config loading only; nothing heavy at import)
+
+TINY_MODEL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """Synthetic data (mid + curated teacher) and a tiny base model exported by a 1-step SFT run."""
+    root = tmp_path_factory.mktemp("lab")
+    data_dir = root / "data"
+    subprocess.run([sys.executable, "synthetic.py", "--out", str(data_dir), "--n-mid", "64", "--n-teacher", "12",
+                    "--n-eval", "4"], cwd=ROOT, check=True, env=ENV, capture_output=True)
+    subprocess.run([sys.executable, "data.py", "curate", "--input", str(data_dir / "teacher_raw.jsonl"),
+                    "--output", str(data_dir / "teacher.jsonl"), "--min-agreement", "0.0"],
+                   cwd=ROOT, check=True, env=ENV, capture_output=True)
+    base = run_train(root / "base", base_config(root, data_dir, max_steps=1), nproc=1)
+    return {"root": root, "data": data_dir, "base": str(base / "hf" / "final")}
+
+
+def base_config(root, data_dir, **train_kw):
+    return {"output_dir": str(root / "base"),
+            "model": {"init_config": TINY_MODEL, "tokenizer": str(data_dir / "tokenizer"),
+                      "activation_checkpointing": False},
+            "data": {"train_path": str(data_dir / "mid.jsonl"), "group_size": 1, "max_len": 256},
+            "loss": {"name": "sft"},
+            "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "train": {"questions_per_step": 8, "micro_batch_size": 8, "save_every": 100, **train_kw}}
+
+
+def grpo_config(lab, out, *, loss=None, **train_kw):
+    return {"output_dir": str(out),
+            "model": {"path": lab["base"], "activation_checkpointing": True},
+            "data": {"train_path": str(lab["data"] / "teacher.jsonl"), "group_size": 4, "max_len": 512},
+            "loss": {"name": "offgrpo", "all_positive_bias": 0.5, "kl_coef": 0.1, "ref_logprobs": "live",
+                     **(loss or {})},
+            "optim": {"lr": 1e-2, "warmup_steps": 1},
+            "train": {"questions_per_step": 4, "micro_batch_size": 4, "max_steps": 3, "save_every": 100,
+                      **train_kw}}
+
+
+def run_train(out, cfg, *, nproc, extra=(), check=True):
+    out = os.fspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    cfg = {**cfg, "output_dir": out}
+    path = out + ".yaml"
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py", path, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return __import__("pathlib").Path(out)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(hf_dir):
+    from safetensors.torch import load_file
+    state = {}
+    for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        state.update(load_file(f))
+    return state
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+def test_every_config_loads():
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+    assert len(paths) >= 10
+    for p in paths:
+        cfg = train.load_config(p, [], check_paths=False)
+        with open(p) as f:
+            assert f.readline().startswith("#")  # a header ...
+            assert "train.py " + os.path.relpath(p, ROOT) in f.read()  # ... with the exact launch command
+
+
+def test_blog_and_released_configs_differ_as_documented():
+    blog = train.load_config(os.path.join(ROOT, "configs/bias05.yaml"), [], check_paths=False)
+    code = train.load_config(os.path.join(ROOT, "configs/krafton_code.yaml"), [], check_paths=False)
+    assert (blog.optim.lr, blog.train.questions_per_step, blog.data.group_size, blog.train.epochs) == (1e-7, 32, 8, 3)
+    assert (blog.loss.kl_coef, blog.loss.all_positive_bias, blog.loss.scale_by_std) == (0.1, 0.5, True)
+    assert (code.loss.kl_coef, code.train.epochs, code.loss.clip_eps, code.loss.scale_by_std) == (0.2, 5, None, False)
+    assert (code.loss.entropy_coef, code.loss.all_positive_bias) == (0.001, 0.1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.kll_coef=0.1", "unknown key 'loss.kll_coef'; valid keys in loss: name, clip_eps"),
+    ("loss.kl_coef=abc", "loss.kl_coef: expected float, got 'abc'"),
+    ("train.max_steps=2.5", "train.max_steps: expected int, got 2.5"),
+    ("data.train_path=/nonexistent.jsonl", "data.train_path not found"),
+    ("loss.name=dpo", "loss.name must be sft, offgrpo or onpolicy"),
+])
+def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):
+    out = tmp_path / "run"
+    cfg = {"output_dir": str(out), "model": {"init_config": TINY_MODEL, "tokenizer": str(tmp_path)},
+           "data": {"train_path": __file__}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "train.py", str(path), override], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+    assert not out.exists()
+
+
+def test_base_sft_same_losses_on_1_and_2_ranks(lab):
+    cfg = base_config(lab["root"], lab["data"], max_steps=3)
+    one = run_train(lab["root"] / "sft1", cfg, nproc=1)
+    two = run_train(lab["root"] / "sft2", cfg, nproc=2)
+    l1, l2 = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
+    assert len(l1) == 3 and l1[0] > 0
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert_same_weights(one / "hf" / "final", two / "hf" / "final", atol=1e-5)
+
+
+def test_bias05_same_losses_on_1_and_2_ranks_and_micro_batches(lab):
+    one = run_train(lab["root"] / "b1", grpo_config(lab, "x"), nproc=1)
+    two = run_train(lab["root"] / "b2", grpo_config(lab, "x", micro_batch_size=3), nproc=2)
+    m1, m2 = metrics(one), metrics(two)
+    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-5, abs=1e-7)
+    assert [m["grad_norm"] for m in m1] == pytest.approx([m["grad_norm"] for m in m2], rel=1e-5)
+    assert m1[-1]["policy/kl_mean"] > 0  # the policy moved away from the reference
+    assert_same_weights(one / "hf" / "final", two / "hf" / "final", atol=1e-5)
+
+
+def test_resume_gives_the_losses_of_the_uninterrupted_run(lab):
+    cfg = grpo_config(lab, "x", max_steps=5, save_every=1)
+    full = run_train(lab["root"] / "full", cfg, nproc=2)
+    part = lab["root"] / "part"
+    run_train(part, cfg, nproc=2, extra=["train.stop_after=3"])
+    assert [m["step"] for m in metrics(part)] == [1, 2, 3]
+    assert not (part / "hf" / "final").exists()
+    run_train(part, cfg, nproc=2, extra=["train.resume=auto"])
+    assert [m["step"] for m in metrics(part)] == [1, 2, 3, 4, 5]
+    assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]  # exact
+    assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
+
+
+def test_cached_reference_logprobs_equal_the_live_reference(lab):
+    live = run_train(lab["root"] / "live", grpo_config(lab, "x"), nproc=2)
+    cached = run_train(lab["root"] / "cached", grpo_config(lab, "x", loss={"ref_logprobs": "cached"}), nproc=2)
+    ml, mc = metrics(live), metrics(cached)
+    assert ml[-1]["policy/kl_mean"] > 0
+    for key in ("loss", "policy/kl_mean", "grad_norm"):
+        assert [m[key] for m in ml] == pytest.approx([m[key] for m in mc], rel=1e-5, abs=1e-7), key
+
+
+def test_hf_export_matches_the_trained_state(lab, tmp_path):
+    """The exported model (from_pretrained, plain HF) gives the log-probs of the trained FSDP state (DCP)."""
+    out = run_train(lab["root"] / "export", grpo_config(lab, "x", max_steps=2, save_every=2), nproc=2)
+    script = tmp_path / "check.py"
+    script.write_text(EXPORT_CHECK)
+    result = tmp_path / "result.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), lab["base"], str(out), str(result)], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    res = json.loads(result.read_text())
+    assert res["max_abs_diff"] < 1e-5 and res["moved_from_base"] > 1e-3
+
+
+EXPORT_CHECK = r'''
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import model_utils as mu
+base, out, result = sys.argv[1:]
+d = mu.setup_distributed()
+model = mu.build_model(path=base, init_config=None, dist=d, param_dtype=torch.float32, reduce_dtype=torch.float32,
+                       activation_checkpointing=False)
+opt = torch.optim.AdamW(model.parameters())
+mu.load_state(mu.latest_state(out + "/ckpt"), model, opt, dist=d)
+tok = AutoTokenizer.from_pretrained(out + "/hf/final")
+ids = torch.tensor([tok("Mod 7: a=3+4. Find a.")["input_ids"]])
+mask = torch.ones_like(ids)
+with torch.no_grad():
+    trained = mu.sequence_logprobs(model, ids, mask)
+    def naive(path):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        logits = hf(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    exported, start = naive(out + "/hf/final"), naive(base)
+if d.rank == 0:
+    json.dump({"max_abs_diff": (trained - exported).abs().max().item(),
+               "moved_from_base": (exported - start).abs().max().item()}, open(result, "w"))
+mu.teardown_distributed()
+'''
