@@ -23,8 +23,6 @@ import numpy as np
 import torch
 
 MAX_MALFORMED_FRACTION = 0.01
-REQUIRED_KEYS = {"id", "question", "responses", "rewards", "gold", "agreement", "all_positive",
-                 "difficulty", "source"}
 
 
 class DataError(Exception):
@@ -75,52 +73,48 @@ def iter_json_lines(path, counter, wanted=None):
             if not raw.strip():
                 continue
             counter.total += 1
-            where = f"{path}:{line_no}"
             try:
-                text = raw.decode("utf-8")
+                obj, reason = json.loads(raw.decode("utf-8")), None
             except UnicodeDecodeError:
-                counter.bad("non_utf8", where)
-                continue
-            try:
-                obj = json.loads(text)
+                reason = "non_utf8"
             except json.JSONDecodeError:
-                counter.bad("bad_json", where)
-                continue
-            if not isinstance(obj, dict):
-                counter.bad("not_object", where)
+                reason = "bad_json"
+            if reason is None and not isinstance(obj, dict):
+                reason = "not_object"
+            if reason is not None:
+                counter.bad(reason, f"{path}:{line_no}")
                 continue
             yield line_no, obj
 
 
 # --------------------------------------------------------------------------- curated records (training side)
 
+def _num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+RECORD_SCHEMA = {  # curated record key -> check of its value
+    "id": lambda v: isinstance(v, str),
+    "question": lambda v: isinstance(v, str) and v.strip() != "",
+    "responses": lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(r, str) and r for r in v),
+    "rewards": lambda v: isinstance(v, list) and all(_num(r) for r in v),
+    "gold": lambda v: v is None or isinstance(v, str),
+    "agreement": lambda v: _num(v) and 0.0 <= v <= 1.0,
+    "all_positive": lambda v: isinstance(v, bool),
+    "difficulty": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "source": lambda v: v is None or isinstance(v, str),
+    "dag": lambda v: isinstance(v, dict),  # optional key
+}
+
+
 def validate_record(rec):
-    """Return None if `rec` follows the curated schema, else the reason string."""
-    str_or_none = (str, type(None))
-    missing = REQUIRED_KEYS - rec.keys()
-    if missing:
-        return "missing_key"
-    if not isinstance(rec["id"], str) or not isinstance(rec["question"], str) or not rec["question"]:
-        return "bad_id_or_question"
-    responses, rewards = rec["responses"], rec["rewards"]
-    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r for r in responses):
-        return "bad_responses"
-    if (not isinstance(rewards, list) or len(rewards) != len(responses)
-            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards)):
-        return "bad_rewards"
-    if not isinstance(rec["gold"], str_or_none) or not isinstance(rec["source"], str_or_none):
-        return "bad_gold_or_source"
-    agreement = rec["agreement"]
-    if not isinstance(agreement, (int, float)) or isinstance(agreement, bool) or not 0.0 <= agreement <= 1.0:
-        return "bad_agreement"
-    if not isinstance(rec["all_positive"], bool):
-        return "bad_all_positive"
-    difficulty = rec["difficulty"]
-    if difficulty is not None and (not isinstance(difficulty, int) or isinstance(difficulty, bool)):
-        return "bad_difficulty"
-    if "dag" in rec and not isinstance(rec["dag"], dict):
-        return "bad_dag"
-    return None
+    """None if `rec` follows the curated schema, else the reason ("missing_<key>" / "bad_<key>")."""
+    for key, ok in RECORD_SCHEMA.items():
+        if key not in rec and key != "dag":
+            return f"missing_{key}"
+        if key in rec and not ok(rec[key]):
+            return f"bad_{key}"
+    return None if len(rec["rewards"]) == len(rec["responses"]) else "bad_rewards"
 
 
 def read_records(path):
@@ -243,6 +237,11 @@ class GroupDataset:
                 continue
             self.items.append((rec, len(prompt), seqs, rewards))
         self.report["questions_kept"] = len(self.items)
+
+    @property
+    def records(self):
+        """The kept questions' records, index-aligned with the dataset (for sampling_weights)."""
+        return [rec for rec, _, _, _ in self.items]
 
     def __len__(self):
         return len(self.items)
@@ -385,15 +384,16 @@ def parse_row(row):
         return "wrong_type", None
     if domain is not None and domain != "math":
         return "not_math", None
-    if isinstance(difficulty, str) and difficulty.strip().isdigit():
-        difficulty = int(difficulty)
-    elif isinstance(difficulty, float) and difficulty.is_integer():
+    if (isinstance(difficulty, str) and difficulty.strip().isdigit()
+            or isinstance(difficulty, float) and difficulty.is_integer()):
         difficulty = int(difficulty)
     elif difficulty is not None and (not isinstance(difficulty, int) or isinstance(difficulty, bool)):
         return "wrong_type", None
     question = response = None
     for turn in conv:
-        role, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        # parquet structs may hold both key pairs with one of them null, hence `or`
+        role = next((turn[k] for k in ("from", "role") if turn.get(k) is not None), None)
+        text = next((turn[k] for k in ("value", "content") if turn.get(k) is not None), None)
         if not isinstance(role, str) or not isinstance(text, str):
             return "wrong_type", None
         if question is None and role in USER_ROLES:
@@ -403,10 +403,8 @@ def parse_row(row):
             break
     if question is None or response is None:
         return "missing_turns", None
-    if not question.strip():
-        return "empty_question", None
-    if not response.strip():
-        return "empty_response", None
+    if not question.strip() or not response.strip():
+        return "empty_question" if not question.strip() else "empty_response", None
     return None, (question, response, source, difficulty, dag)
 
 
@@ -466,7 +464,7 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
         else:
             truth = None if g["dag"] is None else _true_answer(g["dag"])
             jobs.append((key, ([s[1] for s in g["samples"]], truth)))
-    if workers > 1:
+    if workers > 1:  # math-verify is the cost; equal strings never reach it (answers_equivalent)
         import multiprocessing
         with multiprocessing.Pool(workers) as pool:
             votes = pool.map(_vote, [j for _, j in jobs], chunksize=max(1, len(jobs) // (8 * workers)))

@@ -78,7 +78,7 @@ def test_group_dataset_mask_and_drops(tokenizer):
             record(1, ["y" * 60, "ok", "z" * 70], [0.0, 1.0, 1.0]),
             record(2, ["r1", "r2"], [1.0, 0.0])]
     ds = GroupDataset(recs, tokenizer, group_size=2, max_len=60)
-    assert len(ds) == 2
+    assert len(ds) == 2 and [r["id"] for r in ds.records] == ["q0", "q2"]
     assert ds.report == {"questions_in": 3, "questions_kept": 2, "questions_dropped_too_few_fit": 1,
                          "responses_in": 9, "responses_dropped_too_long": 3}
     item = ds[0]
