@@ -1,0 +1,269 @@
+"""Math evaluation: sample n responses per problem, grade the last \\boxed{} answer, report metrics.
+
+    python -m eval.math --model DIR --data FILE.jsonl --n 64 --temperature 0.6 --top-p 0.95 \\
+        --max-new-tokens 32768 --out DIR [--batch-size B] [--backend hf|vllm] [--seed S] [--limit L]
+
+Input: JSONL records with "problem" and "answer", optionally "id" (default: the line number), "dag"
+(a synthetic.Problem dict: adds process-verified accuracy) and "k" (difficulty: adds a per-k table).
+Prompt: the model's chat template over one user turn, problem + BOXED_INSTRUCTION (--no-instruction
+for models trained on bare questions, like the tiny lab's).
+
+Output in --out:
+    samples.jsonl   one line per sample, written a whole problem at a time as problems finish:
+                    id, sample, text, answer (extracted), gold, correct, length (generated tokens incl.
+                    the end-of-turn token), truncated (no end-of-turn within max_new_tokens)
+                    [, process_frac, process_ok] [, k]
+    settings.json   the sampling settings; a resumed run must use the same ones
+    summary.json    eval.metrics.summarize over the problems of this data file (percentages)
+Resumable: problems with all n samples in samples.jsonl are skipped; lines of a partially written
+problem are dropped and the problem is generated again.
+
+Determinism: each generate() call is seeded from (seed, first sample of the batch), so a run is
+reproducible for the same seed, batch size and set of pending problems (vLLM: per sample).
+Sampling uses only temperature and top_p (temperature 0: greedy); the model's generation_config
+sampling defaults (top_k, repetition_penalty, ...) are overridden with neutral values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zlib
+from pathlib import Path
+
+from eval.metrics import summarize
+from reward import extract_answer, score
+
+BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruction")
+
+
+# --- records and prompts ------------------------------------------------------------------------
+
+def load_records(path, limit: int | None = None) -> list[dict]:
+    """Records of a JSONL file (first `limit`), each with a string id; ids must be unique."""
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "problem" not in rec or "answer" not in rec:
+                raise ValueError(f"{path}:{line_no + 1}: a record needs 'problem' and 'answer'")
+            rec["id"] = str(rec["id"]) if "id" in rec else str(line_no)
+            records.append(rec)
+            if limit is not None and len(records) == limit:
+                break
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: duplicate ids")
+    return records
+
+
+def build_prompt(tokenizer, problem: str, instruction: str) -> str:
+    """Chat-template text of one user turn (problem + instruction), ending with the assistant header."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": problem + instruction}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def _seed_for(seed: int, problem_id: str, sample: int) -> int:
+    return zlib.crc32(f"{seed}:{problem_id}:{sample}".encode()) & 0x7FFFFFFF
+
+
+# --- backends -----------------------------------------------------------------------------------
+
+def generate_hf(model, tokenizer, prompts: list[str], *, temperature: float, top_p: float,
+                max_new_tokens: int, seed: int) -> list[tuple[str, int, bool]]:
+    """HF generate on a batch of prompt texts (left padded). Returns (text, length, truncated) each."""
+    import torch
+    from transformers import GenerationConfig
+
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {tokenizer.eos_token_id}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=pad_id,
+                           top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                           **sampling)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every row continues from its last token
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(**enc, generation_config=cfg)  # [B, T_prompt + T_new]
+    new = out[:, enc["input_ids"].shape[1]:].tolist()  # [B, T_new]
+    results = []
+    for row in new:
+        stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
+        tokens = row if stop is None else row[:stop]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        results.append((text, len(row) if stop is None else stop + 1, stop is None))
+    return results
+
+
+def generate_vllm(llm, tokenizer, prompts: list[str], *, temperature: float, top_p: float,
+                  max_new_tokens: int, seeds: list[int]) -> list[tuple[str, int, bool]]:
+    """vLLM generation, one request per prompt with its own seed."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             max_tokens=max_new_tokens, seed=s) for s in seeds]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "length")
+            for o in outputs]
+
+
+# --- resumption ---------------------------------------------------------------------------------
+
+def _load_finished(samples_path: Path, n: int) -> dict[str, list[dict]]:
+    """Problems with all n samples in samples.jsonl; rewrites the file without any other lines
+    (a partially written problem, or a torn last line after a crash)."""
+    if not samples_path.exists():
+        return {}
+    by_id: dict[str, dict[int, dict]] = {}
+    lines = samples_path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            s = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # torn last line
+            raise
+        by_id.setdefault(s["id"], {})[s["sample"]] = s
+    finished = {pid: [got[j] for j in range(n)] for pid, got in by_id.items() if set(got) == set(range(n))}
+    kept = [s for pid in finished for s in finished[pid]]
+    if len(kept) != len(lines):
+        samples_path.write_text("".join(json.dumps(s) + "\n" for s in kept))
+    return finished
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            raise ValueError(f"{out_dir} holds samples made with {old}; this run asks for {settings}. "
+                             "Use another --out directory.")
+    else:
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+def grade(rec: dict, sample: int, text: str, length: int, truncated: bool) -> dict:
+    """One samples.jsonl record."""
+    out = {"id": rec["id"], "sample": sample, "text": text, "answer": extract_answer(text),
+           "gold": str(rec["answer"]), "correct": score(text, str(rec["answer"])) == 1.0,
+           "length": length, "truncated": truncated}
+    if "dag" in rec:
+        import synthetic  # the tiny lab's task; only needed for its problems
+
+        frac, ok = synthetic.process_reward(synthetic.Problem.from_dict(rec["dag"]), text)
+        out["process_frac"], out["process_ok"] = frac, ok
+    if "k" in rec:
+        out["k"] = rec["k"]
+    return out
+
+
+def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: float, top_p: float,
+             max_new_tokens: int, batch_size: int, out_dir, seed: int = 0,
+             instruction: str = BOXED_INSTRUCTION, backend: str = "hf") -> dict:
+    """Generate n samples per record (skipping finished problems), grade, write samples.jsonl and
+    summary.json in out_dir, and return the summary. model: a HF causal LM, or a vllm.LLM when
+    backend == "vllm". records: load_records() output (unique string ids)."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                    instruction=instruction)
+    _check_settings(out_dir, settings)
+    samples_path = out_dir / "samples.jsonl"
+    finished = _load_finished(samples_path, n)
+    pending = [r for r in records if r["id"] not in finished]
+    print(f"eval: {len(records) - len(pending)} of {len(records)} problems already done, "
+          f"{len(pending)} to generate ({len(pending) * n} samples)", flush=True)
+
+    work = [(r, s) for r in pending for s in range(n)]  # one entry per sample to generate
+    prompts = {r["id"]: build_prompt(tokenizer, r["problem"], instruction) for r in pending}
+    buffer: dict[str, list] = {r["id"]: [None] * n for r in pending}
+    with open(samples_path, "a") as f, tqdm(total=len(work), desc="eval", unit="sample") as bar:
+        for start in range(0, len(work), batch_size):
+            chunk = work[start:start + batch_size]
+            texts = [prompts[r["id"]] for r, _ in chunk]
+            seeds = [_seed_for(seed, r["id"], s) for r, s in chunk]
+            if backend == "hf":
+                outs = generate_hf(model, tokenizer, texts, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens, seed=seeds[0])
+            elif backend == "vllm":
+                outs = generate_vllm(model, tokenizer, texts, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=max_new_tokens, seeds=seeds)
+            else:
+                raise ValueError(f"unknown backend {backend!r} (hf or vllm)")
+            for (rec, s), (text, length, truncated) in zip(chunk, outs):
+                buffer[rec["id"]][s] = grade(rec, s, text, length, truncated)
+                if all(x is not None for x in buffer[rec["id"]]):  # write a problem only when whole
+                    f.write("".join(json.dumps(x) + "\n" for x in buffer.pop(rec["id"])))
+                    f.flush()
+            bar.update(len(chunk))
+
+    ids = {r["id"] for r in records}
+    samples = [s for s in _read_samples(samples_path) if s["id"] in ids]
+    summary = summarize(samples)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _read_samples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description="Sample, grade and score a model on a math JSONL file.")
+    ap.add_argument("--model", required=True, help="HF model directory (with its tokenizer)")
+    ap.add_argument("--data", required=True, help="JSONL with problem, answer [, id, dag, k]")
+    ap.add_argument("--out", required=True, help="output directory (resumable)")
+    ap.add_argument("--n", type=int, default=64, help="samples per problem")
+    ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-new-tokens", type=int, default=32768)
+    ap.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call")
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="only the first L problems")
+    ap.add_argument("--no-instruction", action="store_true",
+                    help="prompt with the bare problem (models trained without the boxed instruction)")
+    a = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    records = load_records(a.data, a.limit)
+    if a.backend == "vllm":
+        try:
+            from vllm import LLM
+        except ImportError:
+            sys.exit("eval.math: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
+        model = LLM(model=a.model, seed=a.seed)
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(device).eval()
+        print(f"eval: {a.model} on {device} ({dtype})", flush=True)
+    summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
+                       max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=a.out, seed=a.seed,
+                       instruction="" if a.no_instruction else BOXED_INSTRUCTION, backend=a.backend)
+    print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

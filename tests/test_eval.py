@@ -1,0 +1,259 @@
+"""eval/: metrics against hand computations and brute force, evaluate() on a scripted model, the CLI
+end to end on a tiny random Qwen2 (with resumption), and the results table."""
+
+import itertools
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+import synthetic
+from eval import math as eval_math
+from eval import table
+from eval.metrics import avg_at_n, maj_at_k, pass_at_k, powers_of_two, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+def test_pass_at_k_hand_cases():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(5, 0, 3) == 0.0
+    assert pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(4, 2, 3) == 1.0  # n - c < k: every 3-subset holds a correct sample
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_pass_at_k_brute_force():
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                hit = sum(any(i < c for i in s) for s in subsets) / len(subsets)  # samples 0..c-1 correct
+                assert pass_at_k(n, c, k) == pytest.approx(hit, abs=1e-12), (n, c, k)
+
+
+def test_avg_at_n_and_powers():
+    assert avg_at_n([[True, False], [True, True, True, False]]) == pytest.approx((0.5 + 0.75) / 2)
+    assert powers_of_two(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert powers_of_two(6) == [1, 2, 4]
+
+
+def test_maj_at_k_on_written_answers():
+    answers = [r"\frac12", "3", "0.5", None, "3", "3"]
+    assert maj_at_k(answers, "1/2", 1) == 1.0
+    assert maj_at_k(answers, "1/2", 2) == 0.0  # 1 vs 1: a tie is wrong
+    assert maj_at_k(answers, "1/2", 4) == 1.0  # {1/2, 0.5} beat {3}; None does not vote
+    assert maj_at_k(answers, "1/2", 6) == 0.0  # 3 wins
+    assert maj_at_k(answers, "3", 6) == 1.0
+    assert maj_at_k([None, None], "3", 2) == 0.0
+
+
+def _rec(pid, s, correct, answer, gold="1", length=10, truncated=False, **extra):
+    return dict(id=pid, sample=s, correct=correct, answer=answer, gold=gold, length=length,
+                truncated=truncated, **extra)
+
+
+def test_summarize_written_records():
+    samples = [_rec("a", 0, True, "1", k=1), _rec("a", 1, False, "2", length=30, truncated=True, k=1),
+               _rec("b", 1, True, "1.0", k=2), _rec("b", 0, True, "1", k=2),
+               _rec("c", 0, False, "2", k=2), _rec("c", 1, False, None, k=2)]
+    s = summarize(samples)
+    assert (s["problems"], s["n"]) == (3, 2)
+    assert s["avg@n"] == pytest.approx(100 * (0.5 + 1 + 0) / 3, abs=1e-3)
+    assert s["pass@1"] == pytest.approx(s["avg@n"], abs=1e-3)
+    assert s["pass@2"] == pytest.approx(100 * 2 / 3, abs=1e-3)
+    assert s["maj@n"] == pytest.approx(100 / 3, abs=1e-3)  # a: tie, b: right, c: "2" wins, wrong
+    assert s["mean_length"] == pytest.approx(80 / 6, abs=1e-3)
+    assert s["truncated"] == pytest.approx(100 / 6, abs=1e-3)
+    assert "process_acc" not in s
+    assert s["by_k"]["1"]["avg@n"] == 50.0 and s["by_k"]["2"]["avg@n"] == 50.0
+    assert s["by_k"]["2"]["pass@2"] == 50.0 and s["by_k"]["2"]["problems"] == 2
+    with pytest.raises(ValueError):
+        summarize(samples[:-1])  # problem c has one sample, the others two
+
+
+# --- evaluate() on a scripted model -------------------------------------------------------------
+
+class ScriptedModel:
+    """Stands in for a HF causal LM: generate() answers each prompt with the next scripted response of
+    the problem it contains, followed by the end-of-turn token (cut at max_new_tokens)."""
+
+    def __init__(self, tokenizer, scripts: dict[str, list[str]]):
+        self.tok, self.queues = tokenizer, {p: list(r) for p, r in scripts.items()}
+        self.device = torch.device("cpu")
+        self.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        m = generation_config.max_new_tokens
+        rows = []
+        for ids in input_ids:
+            prompt = self.tok.decode(ids)
+            problem = next(p for p in self.queues if p in prompt)
+            new = self.tok(self.queues[problem].pop(0), add_special_tokens=False)["input_ids"]
+            new = (new + [self.tok.eos_token_id])[:m]
+            rows.append(ids.tolist() + new + [self.tok.pad_token_id] * (m - len(new)))
+        return torch.tensor(rows)
+
+
+def _problems(seed=0, ks=(1, 2, 2)):
+    rng = random.Random(seed)
+    return [synthetic.make_problem(rng, k, 7) for k in ks]
+
+
+def _records(problems):
+    return [{"id": f"p{i}", "problem": p.question, "answer": str(p.answer), "dag": p.to_dict(), "k": p.k}
+            for i, p in enumerate(problems)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return synthetic.build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_evaluate_grades_and_summarises(tokenizer, tmp_path):
+    a, b, c = problems = _problems()
+    good = {p.question: synthetic.correct_trace(p) for p in problems}
+    wrong_box = re.sub(r"\\boxed\{\d+\}$", r"\\boxed{%d}" % ((a.answer + 1) % 7), good[a.question])
+    bad_step = re.sub(r"=(\d+)\.$", lambda m: f"={(int(m.group(1)) + 1) % 7}.", good[b.question],
+                      count=1, flags=re.M)  # first step's value wrong, final answer still right
+    assert synthetic.process_reward(b, bad_step)[1] is False and synthetic.process_reward(a, wrong_box)[1]
+    scripts = {a.question: [good[a.question], wrong_box], b.question: [good[b.question], bad_step],
+               c.question: ["x" * 100, r"\boxed{}"]}
+    model = ScriptedModel(tokenizer, scripts)
+    s = eval_math.evaluate(model, tokenizer, _records(problems), n=2, temperature=0.6, top_p=0.95,
+                           max_new_tokens=64, batch_size=4, out_dir=tmp_path, instruction="")
+    lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(x["id"], x["sample"], x["correct"]) for x in lines] == [
+        ("p0", 0, True), ("p0", 1, False), ("p1", 0, True), ("p1", 1, True), ("p2", 0, False), ("p2", 1, False)]
+    assert lines[0]["text"] == good[a.question] and lines[0]["answer"] == str(a.answer)
+    assert lines[0]["length"] == len(tokenizer(good[a.question], add_special_tokens=False)["input_ids"]) + 1
+    assert [x["truncated"] for x in lines] == [False, False, False, False, True, False]
+    assert lines[4]["length"] == 64 and lines[5]["answer"] is None
+    assert s == json.loads((tmp_path / "summary.json").read_text())
+    assert s["avg@n"] == 50.0 and s["pass@2"] == pytest.approx(200 / 3, abs=1e-3)
+    assert s["maj@n"] == pytest.approx(100 / 3, abs=1e-3)  # p0 ties 1:1 -> wrong; p1 right; p2 none
+    assert s["process_acc"] == pytest.approx(100 * 2 / 6, abs=1e-3)  # right answer AND right steps
+    assert s["truncated"] == pytest.approx(100 / 6, abs=1e-3)
+    assert s["by_k"]["1"]["problems"] == 1 and s["by_k"]["2"]["pass@2"] == 50.0
+
+
+# --- end to end on a tiny random Qwen2 ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny_qwen2")
+    tok = synthetic.build_tokenizer(d)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=synthetic.VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    Qwen2ForCausalLM(cfg).save_pretrained(d)
+    with open(d / "data.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in _records(_problems())))
+    return d
+
+
+def test_evaluate_is_seeded(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    recs = eval_math.load_records(tiny_model_dir / "data.jsonl", limit=2)
+
+    def texts(out, seed, temperature):
+        eval_math.evaluate(model, tok, recs, n=2, temperature=temperature, top_p=0.95, max_new_tokens=6,
+                           batch_size=4, out_dir=tmp_path / out, seed=seed)
+        return [json.loads(x)["text"] for x in (tmp_path / out / "samples.jsonl").read_text().splitlines()]
+
+    assert texts("a", 0, 1.0) == texts("b", 0, 1.0)
+    assert texts("a2", 1, 1.0) != texts("a", 0, 1.0)
+    greedy = texts("g", 0, 0.0)
+    assert greedy[0] == greedy[1] and greedy[2] == greedy[3]  # temperature 0: both samples identical
+    with pytest.raises(ValueError, match="another --out"):  # resuming with other settings is refused
+        texts("a", 0, 0.5)
+
+
+def test_cli_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "data.jsonl"), "--n", "2",
+            "--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "8", "--out", str(out),
+            "--batch-size", "3", "--seed", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "eval.math", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = out / "samples.jsonl"
+    first = samples.read_text()
+    lines = [json.loads(x) for x in first.splitlines()]
+    assert sorted((x["id"], x["sample"]) for x in lines) == [(f"p{i}", s) for i in range(3) for s in range(2)]
+    assert all(1 <= x["length"] <= 8 for x in lines) and all(x["length"] == 8 for x in lines if x["truncated"])
+    assert {"process_frac", "process_ok", "k", "gold", "answer"} <= set(lines[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["problems"], summary["n"]) == (3, 2)
+    assert {"avg@n", "pass@1", "pass@2", "maj@n", "mean_length", "truncated", "process_acc"} <= set(summary)
+    assert set(summary["by_k"]) == {"1", "2"}
+    assert summary["mean_length"] == pytest.approx(sum(x["length"] for x in lines) / 6, abs=1e-3)
+
+    # run again: everything is done, nothing is generated or written
+    capsys.readouterr()
+    eval_math.main(args)
+    assert "3 of 3 problems already done" in capsys.readouterr().out
+    assert samples.read_text() == first
+
+    # drop p1 except one of its samples (a partial problem): only p1 is generated again
+    kept = [x for x in first.splitlines() if json.loads(x)["id"] != "p1"]
+    partial = next(x for x in first.splitlines() if json.loads(x)["id"] == "p1")
+    samples.write_text("\n".join(kept[:2] + [partial] + kept[2:]) + "\n")
+    eval_math.main(args)
+    assert "2 of 3 problems already done, 1 to generate (2 samples)" in capsys.readouterr().out
+    now = samples.read_text().splitlines()
+    assert now[:4] == kept  # finished problems untouched, in place
+    assert [(json.loads(x)["id"], json.loads(x)["sample"]) for x in now[4:]] == [("p1", 0), ("p1", 1)]
+
+
+# --- table --------------------------------------------------------------------------------------
+
+def test_table_markdown_and_json(tmp_path, capsys):
+    def put(rel, value):
+        p = tmp_path / "runs" / rel / "summary.json"
+        p.parent.mkdir(parents=True)
+        p.write_text(json.dumps({"avg@n": value, "maj@n": value + 1}))
+
+    put("base/aime24", 10.0)
+    put("base/math500", 50.0)
+    put("bias05/aime24/seed0", 20.0)
+    put("bias05/aime24/seed1", 30.0)
+    put("offgrpo/math500", 60.0)
+    md = tmp_path / "results.md"
+    table.main([str(tmp_path / "runs"), "--out", str(md), "--json", str(tmp_path / "r.json")])
+    assert md.read_text() == (
+        "avg@n (%)\n\n"
+        "| Model | aime24 | math500 | Avg. |\n"
+        "| --- | ---: | ---: | ---: |\n"
+        "| base | 10.0 | 50.0 | 30.0 |\n"
+        "| bias05 | 25.0 ± 7.1 | – | – |\n"
+        "| offgrpo | – | 60.0 | – |\n")
+    js = json.loads((tmp_path / "r.json").read_text())
+    assert js["bias05"]["aime24"]["values"] == [20.0, 30.0] and js["bias05"]["aime24"]["seeds"] == 2
+    assert js["bias05"]["aime24"]["std"] == pytest.approx(50 ** 0.5)
+    printed = capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "results.png").exists()
+    except ImportError:
+        assert "bar chart skipped: matplotlib is not installed" in printed
+    table.main([str(tmp_path / "runs" / "base"), "--out", str(md), "--metric", "maj@n"])
+    assert "| base | 11.0 | 51.0 | 31.0 |" in md.read_text()
