@@ -232,7 +232,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=32768)
-    ap.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call (vllm: use a large value, e.g. all samples)")
+    ap.add_argument("--batch-size", type=int, default=64,
+                    help="sequences per generate() call (vllm: use a large value, e.g. all samples)")
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="only the first L problems")
