@@ -1,0 +1,441 @@
+"""Model plumbing: distributed setup, FSDP2 model building, log-probs, generation, HF save, DCP resume.
+
+build_model does, in torchtitan's fixed order:
+  1. construct the HF causal LM on the meta device (no memory, no init cost), fp32 master weights;
+  2. activation checkpointing per decoder layer (checkpoint_wrapper, non-reentrant);
+  3. fully_shard per decoder layer, then fully_shard the root (embeddings, final norm, lm_head),
+     MixedPrecisionPolicy(param_dtype, reduce_dtype); gradients are SUMMED over ranks, not averaged,
+     because the loss is normalised once by the global sequence count (DESIGN.md section 1);
+  4. to_empty(device), recompute non-persistent buffers (rotary inv_freq), then rank 0 reads the full
+     weights (safetensors or a seeded HF init) and set_model_state_dict broadcasts + shards them.
+
+FSDP2 facts this file relies on (DESIGN.md section 7):
+  - model.sequence_logprobs is registered with register_fsdp_forward_method, so inside it the root's
+    parameters (lm_head.weight) are unsharded plain Parameters and its gradient lands as a DTensor.
+  - after a forward without backward the root stays unsharded until model.reshard(); every helper here
+    that runs without backward (sequence_logprobs under no_grad, generate) reshards before returning,
+    so optimizers and state dicts always see the sharded DTensor parameters.
+"""
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import types
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Qwen2Config
+
+import fused_logprob
+
+COMPLETE_MARKER = "COMPLETE"  # written inside step-N.tmp before the rename that commits a checkpoint
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> Dist:
+    """Init the default process group: nccl on CUDA, gloo on CPU. Under plain `python` (no torchrun env)
+    it becomes a world of 1, so the FSDP2 code paths are the same as under torchrun."""
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        tdist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        tdist.init_process_group("gloo")
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def teardown_distributed() -> None:
+    """Barrier, then destroy: gloo can abort at exit if one rank tears down while another still talks."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if not tdist.is_initialized() or tdist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# --------------------------------------------------------------------------- model building
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers (Qwen2/Llama/Mistral layout: <base_model_prefix>.layers)."""
+    layers = getattr(getattr(model, model.base_model_prefix), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: expected {model.base_model_prefix}.layers to be a ModuleList")
+    return layers
+
+
+def _param_aliases(model) -> dict[str, str]:
+    """{alias name: first name} for parameters registered under several names (tied embeddings)."""
+    first, aliases = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Full state dict from model.safetensors or a sharded model.safetensors.index.json (HF layout)."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return safetensors.torch.load_file(single)
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(safetensors.torch.load_file(os.path.join(path, shard)))
+    return state
+
+
+def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param_dtype: torch.dtype,
+                reduce_dtype: torch.dtype, activation_checkpointing: bool, trust_remote_code: bool = False,
+                seed: int = 0, requires_grad: bool = True):
+    """FSDP2-sharded HF causal LM from `path` (HF dir with config.json + safetensors) or, for the tiny lab,
+    from Qwen2Config(**init_config) with the HF init under torch.manual_seed(seed). Exactly one is given.
+    requires_grad=False gives the frozen reference model (eval mode, root resharded after every forward)."""
+    if (path is None) == (init_config is None):
+        raise ValueError("build_model: give exactly one of path and init_config")
+    if path is not None:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"no config.json in model path {path}")
+        if not any(os.path.isfile(os.path.join(path, f))
+                   for f in ("model.safetensors", "model.safetensors.index.json")):
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in model path {path}")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    else:
+        config = Qwen2Config(**init_config)
+
+    # dtype=float32: sharded master weights stay fp32 whatever the checkpoint's dtype; param_dtype
+    # (bf16 at scale) is only the all-gathered compute copy. from_config overwrites config.dtype, so the
+    # storage dtype (what save_hf writes) is put back afterwards.
+    storage_dtype = config.dtype or torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.config.architectures = [type(model).__name__]  # before fully_shard renames the class to FSDP...
+    aliases = _param_aliases(model)
+    model.requires_grad_(requires_grad)
+
+    layers = _decoder_layers(model)
+    if activation_checkpointing:
+        # The module wrapper (torchtitan's choice) rather than HF's gradient_checkpointing_enable: the
+        # wrapped layer is what fully_shard sees, recompute is visible in this one function, and
+        # state-dict FQNs stay HF's (the wrapper strips its prefix; DCP's helpers do too).
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer)
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    # Tied embed_tokens/lm_head are one Parameter owned by the root group, so they stay shared.
+    # The root of a model without backward reshards after forward; the training root keeps its
+    # parameters for the backward that follows (FSDP's default for roots).
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True if not requires_grad else None)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Sum, not average, over ranks: the loss is already divided by the global sequence count.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+
+    model.to_empty(device=dist.device)
+    # to_empty leaves non-persistent buffers (rotary inv_freq) as uninitialised memory; they are not in
+    # any state dict, so recompute them with the model's own init for those modules (HF's _init_weights
+    # handles *RotaryEmbedding; a remote-code model with other such buffers needs its own line here).
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                model._init_weights(module)
+
+    if dist.rank == 0:
+        if path is not None:
+            state = _read_safetensors(path)
+        else:
+            torch.manual_seed(seed)
+            state = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                      trust_remote_code=trust_remote_code).state_dict()
+        for alias, name in aliases.items():  # HF drops tied copies (lm_head.weight) from safetensors
+            if alias not in state:
+                state[alias] = state[name]
+    else:  # (tensors are broadcast one at a time, in rank 0's dtype, and copied into the fp32 shards)
+        state = {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del state
+    model.config.dtype = storage_dtype  # (after the last from_config, which sets it again)
+
+    model.sequence_logprobs = types.MethodType(_sequence_logprobs, model)
+    register_fsdp_forward_method(model, "sequence_logprobs")
+    model.train(requires_grad)
+    return model
+
+
+def num_params(model) -> int:
+    """Number of distinct parameters of the full (unsharded) model; DTensor.numel() is the global size."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_summary(model) -> str:
+    """One line for logs."""
+    c = model.config
+    return (f"{c.architectures[0]}: {num_params(model) / 1e6:.2f}M params, {c.num_hidden_layers} layers, "
+            f"hidden {c.hidden_size}, vocab {c.vocab_size}, tied {c.tie_word_embeddings}")
+
+
+# --------------------------------------------------------------------------- log-probs
+def _sequence_logprobs(self, input_ids, attention_mask, temperature, backend, return_entropy):
+    """Bound to the model as model.sequence_logprobs (an FSDP forward method; see module docstring)."""
+    backbone = getattr(self, self.base_model_prefix)
+    # positions count real tokens, so right- and left-padded rows both get HF's positions
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # [B, T, H]
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # [B, T-1]
+    out = fused_logprob.fused_logprobs(hidden[:, :-1].reshape(targets.numel(), -1), self.get_output_embeddings().weight,
+                                       targets.reshape(-1), temperature=temperature, ignore_index=-100,
+                                       return_entropy=return_entropy, backend=backend)
+    return out  # flat [B*(T-1)]: FSDP hooks the output for backward, and warns if it is a view
+
+
+def sequence_logprobs(model, input_ids, attention_mask, *, temperature=1.0, backend="auto",
+                      return_entropy=False):
+    """logp[b, t] = log softmax(lm_head(h[b, t]) / temperature)[input_ids[b, t+1]]  -> [B, T-1] fp32,
+    0 where attention_mask[b, t+1] == 0 (and entropy [B, T-1] of the same distribution when asked).
+    The [B*T, V] logits are never materialised (fused_logprob). Without grad (reference / old-policy
+    passes) the root is resharded afterwards, since no backward will do it."""
+    out = model.sequence_logprobs(input_ids, attention_mask, temperature, backend, return_entropy)
+    if not torch.is_grad_enabled():
+        model.reshard()
+    shape = (input_ids.shape[0], input_ids.shape[1] - 1)
+    return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
+
+
+# --------------------------------------------------------------------------- generation
+def _trim_response(ids: list[int], eos_id: int) -> list[int]:
+    """Cut after the first eos (kept, so the loss can learn to stop). HF pads only rows that finished, so a
+    row without eos ran to max_new_tokens and is returned whole (a sampled pad id in it is a real token)."""
+    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+             top_p: float, seed: int) -> list[list[int]]:
+    """Sample responses for a left-padded batch of prompts (greedy when temperature == 0). All ranks must
+    call it together (synced_gpus keeps ranks with shorter generations stepping). `seed` seeds this call
+    only (global RNG untouched); fold rank/step into it for distinct streams."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts_ids)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts_ids], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids], device=device)
+    sample = temperature > 0
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
+                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
+                                  top_k=0 if sample else None,  # HF's default top_k=50 would truncate
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
+                             synced_gpus=tdist.get_world_size() > 1)  # [B, width + new]
+    model.train(was_training)
+    model.reshard()
+    return [_trim_response(row.tolist(), tokenizer.eos_token_id) for row in out[:, width:]]
+
+
+# --------------------------------------------------------------------------- HF-format save
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """Move tmp to out_dir; an existing out_dir is moved aside first and deleted only afterwards."""
+    old = out_dir + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf(model, tokenizer, out_dir: str, *, dist: Dist, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write an HF model dir (safetensors in config.dtype: the loaded checkpoint's, fp32 for init_config; config.json,
+    generation_config.json, tokenizer files) via out_dir.tmp -> out_dir. Collective: all ranks call it."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.rank == 0:
+        dtype = model.config.dtype  # the storage dtype build_model recorded
+        for alias in _param_aliases(model):  # tied copies are not stored (HF re-ties on load)
+            state.pop(alias)
+        state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        shards, size = [[]], 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"), metadata=meta)
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                safetensors.torch.save_file({n: state[n] for n in names}, os.path.join(tmp, fname), metadata=meta)
+                weight_map.update({n: fname for n in names})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+    tdist.barrier()
+
+
+# --------------------------------------------------------------------------- resumable state (DCP)
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    meta = {"python": [version, list(mt), gauss], "numpy": [np_name, np_pos, np_has_gauss, np_gauss]}
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return meta, tensors
+
+
+def _set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, mt, gauss = meta["python"]
+    random.setstate((version, tuple(mt), gauss))
+    np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+    np.random.set_state((np_name, tensors["rng.numpy_keys"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def _split_tensors(obj, tensors: dict, prefix: str):
+    """JSON-able copy of obj with every tensor replaced by {"__tensor__": key} (tensor put in `tensors`)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): _split_tensors(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(ckpt_root: str, step: int, model, optimizer, extra: dict, *, dist: Dist, keep: int = 2) -> str:
+    """Sharded model + optimizer state (dcp.save) and per-rank `extra` + RNG states (rank<R>.json/.safetensors,
+    no pickle) into ckpt_root/step-<N>.tmp; rank 0 then writes the COMPLETE marker and renames to step-<N>
+    (the commit point) and deletes complete checkpoints beyond the newest `keep`. Returns the final path."""
+    final = os.path.join(ckpt_root, f"step-{step}")
+    tmp = final + ".tmp"
+    if dist.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        os.makedirs(tmp)
+    tdist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    tensors: dict[str, torch.Tensor] = {}
+    rng_meta, rng_tensors = _rng_state()
+    meta = {"extra": _split_tensors(extra, tensors, "extra"), "rng": rng_meta}
+    tensors.update(rng_tensors)
+    safetensors.torch.save_file(tensors, os.path.join(tmp, f"rank{dist.rank}.safetensors"))
+    with open(os.path.join(tmp, f"rank{dist.rank}.json"), "w") as f:
+        json.dump(meta, f)
+    tdist.barrier()
+    if dist.rank == 0:
+        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+            json.dump({"step": step, "world_size": dist.world_size}, f)
+        if os.path.exists(final):  # same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        complete = _complete_states(ckpt_root)
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old[1])
+    tdist.barrier()
+    return final
+
+
+def _complete_states(ckpt_root: str) -> list[tuple[int, str]]:
+    """(step, path) of committed checkpoints, oldest first."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = []
+    for name in os.listdir(ckpt_root):
+        m = re.fullmatch(r"step-(\d+)", name)
+        path = os.path.join(ckpt_root, name)
+        if m and os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_state(ckpt_root: str) -> str | None:
+    """Newest committed checkpoint dir under ckpt_root (never a *.tmp or one without the marker), or None."""
+    complete = _complete_states(ckpt_root)
+    return complete[-1][1] if complete else None
+
+
+def load_state(path: str, model, optimizer, *, dist: Dist) -> dict:
+    """Restore model + optimizer (resharded to this model's layout) and this rank's RNG states from a
+    save_state dir; returns this rank's `extra` dict (tuples come back as lists)."""
+    with open(os.path.join(path, COMPLETE_MARKER)) as f:
+        saved_world = json.load(f)["world_size"]
+    if saved_world != dist.world_size:
+        raise ValueError(f"checkpoint {path} was saved with world size {saved_world}, "
+                         f"this run has {dist.world_size}: per-rank sampler/RNG state cannot be mapped")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    tensors = safetensors.torch.load_file(os.path.join(path, f"rank{dist.rank}.safetensors"))
+    with open(os.path.join(path, f"rank{dist.rank}.json")) as f:
+        meta = json.load(f)
+    _set_rng_state(meta["rng"], tensors)
+    return _join_tensors(meta["extra"], tensors)
