@@ -182,10 +182,9 @@ def sampling_weights(records, *, agreement_weights, difficulty_weights, pass_rat
     return weights
 
 
-def _ids(encoded):
-    """apply_chat_template(tokenize=True) returns a list in transformers 4 and a BatchEncoding in 5."""
-    ids = encoded["input_ids"] if not isinstance(encoded, list) else encoded
-    return list(ids)
+def _batch_ids(encoded):
+    """apply_chat_template(batch, tokenize=True) returns lists in transformers 4 and a BatchEncoding in 5."""
+    return [list(ids) for ids in (encoded if isinstance(encoded, list) else encoded["input_ids"])]
 
 
 class GroupDataset:
@@ -200,42 +199,46 @@ class GroupDataset:
         input_ids = prompt + response + <|im_end|>,  loss_mask = 0 on the prompt, 1 on the rest.
     Sequences longer than max_len are dropped (counted); a question keeps its first group_size fitting
     responses, or is dropped (counted) if fewer fit. Ids are stored as int32 arrays (memory at real scale).
+    Tokenisation goes through apply_chat_template in batches of questions (one call per batch, not per
+    response: the per-call overhead dominated), keeping its handling of special-token text in content.
     """
 
-    def __init__(self, records, tokenizer, *, group_size, max_len, end_of_turn="<|im_end|>"):
+    def __init__(self, records, tokenizer, *, group_size, max_len, end_of_turn="<|im_end|>", batch=256):
         eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
         if eot_id is None or eot_id == tokenizer.unk_token_id:
             raise DataError(f"tokenizer has no end-of-turn token {end_of_turn!r}")
         self.group_size, self.max_len = group_size, max_len
         self.items = []  # (record, prompt_len, [int32 arrays of full ids], rewards)
         self.report = {"questions_in": len(records), "questions_kept": 0, "questions_dropped_too_few_fit": 0,
-                       "responses_in": 0, "responses_dropped_too_long": 0}
-        for rec in records:
-            user = {"role": "user", "content": rec["question"]}
-            prompt = _ids(tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=True))
-            seqs, rewards = [], []
-            for response, reward in zip(rec["responses"], rec["rewards"]):
-                self.report["responses_in"] += 1
-                if len(seqs) == group_size:
-                    continue  # first group_size fitting responses only; the rest are not tokenised
-                full = _ids(tokenizer.apply_chat_template(
-                    [user, {"role": "assistant", "content": response}], tokenize=True))
-                if full[:len(prompt)] != prompt:
-                    raise DataError(f"question {rec['id']}: the chat template's prompt is not a prefix of "
-                                    "prompt+response; the loss mask cannot be placed")
-                ends = [i for i in range(len(full) - 1, len(prompt) - 1, -1) if full[i] == eot_id]
-                if not ends:
-                    raise DataError(f"question {rec['id']}: no {end_of_turn!r} after the prompt in the template")
-                full = full[:ends[0] + 1]
-                if len(full) > max_len:
-                    self.report["responses_dropped_too_long"] += 1
-                    continue
-                seqs.append(np.asarray(full, dtype=np.int32))
-                rewards.append(float(reward))
-            if len(seqs) < group_size:
-                self.report["questions_dropped_too_few_fit"] += 1
-                continue
-            self.items.append((rec, len(prompt), seqs, rewards))
+                       "responses_in": sum(len(r["responses"]) for r in records), "responses_dropped_too_long": 0}
+        for start in range(0, len(records), batch):
+            chunk = records[start:start + batch]
+            users = [{"role": "user", "content": rec["question"]} for rec in chunk]
+            prompts = _batch_ids(tokenizer.apply_chat_template([[u] for u in users], add_generation_prompt=True,
+                                                               tokenize=True))
+            fulls = iter(_batch_ids(tokenizer.apply_chat_template(
+                [[u, {"role": "assistant", "content": r}] for u, rec in zip(users, chunk) for r in rec["responses"]],
+                tokenize=True)))
+            for rec, prompt in zip(chunk, prompts):
+                seqs, rewards = [], []
+                for reward, full in zip(rec["rewards"], [next(fulls) for _ in rec["responses"]]):
+                    if full[:len(prompt)] != prompt:  # (list comparison, before the array conversion)
+                        raise DataError(f"question {rec['id']}: the chat template's prompt is not a prefix of "
+                                        "prompt+response; the loss mask cannot be placed")
+                    full = np.asarray(full, dtype=np.int32)
+                    ends = np.flatnonzero(full[len(prompt):] == eot_id)
+                    if len(ends) == 0:
+                        raise DataError(f"question {rec['id']}: no {end_of_turn!r} after the prompt")
+                    length = len(prompt) + int(ends[-1]) + 1  # through the last end-of-turn token
+                    if length > max_len:
+                        self.report["responses_dropped_too_long"] += 1
+                    elif len(seqs) < group_size:  # the first group_size fitting responses
+                        seqs.append(full[:length])
+                        rewards.append(float(reward))
+                if len(seqs) < group_size:
+                    self.report["questions_dropped_too_few_fit"] += 1
+                else:
+                    self.items.append((rec, len(prompt), seqs, rewards))
         self.report["questions_kept"] = len(self.items)
 
     @property
@@ -310,7 +313,7 @@ class GroupSampler:
             if self.weights is None:
                 self._perm = rng.permutation(self.num_questions)
             else:
-                u = rng.random(self.num_questions)
+                u = 1.0 - rng.random(self.num_questions)  # in (0, 1]: log(u) finite
                 positive = np.flatnonzero(self.weights > 0)
                 log_keys = np.log(u[positive]) / self.weights[positive]  # log(u^(1/w)), same order as u^(1/w)
                 self._perm = positive[np.argsort(-log_keys, kind="stable")]
