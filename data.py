@@ -10,6 +10,11 @@ Curated record (one JSONL line per question):
 Malformed-input rule (raw rows and curated records alike): a malformed line is skipped and counted by
 reason, with the first offending file:line named; if more than 1% of the non-blank lines are malformed the
 read aborts with DataError (the CLI prints its one-line message, no traceback, and exits with status 2).
+
+CLI:  python data.py curate --input RAW.jsonl|RAW.parquet [...] --output CURATED.jsonl [--group-size 8]
+          [--min-samples G] [--min-agreement 0.5] [--seed 0] [--workers N]      (rules: curate())
+Sections: curated records (read_records, sampling_weights) | tokenisation and batching (GroupDataset,
+collate, GroupSampler) | raw OpenThoughts3 rows (parse_row) | curation (curate, CLI).
 """
 import argparse
 import hashlib
