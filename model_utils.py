@@ -52,18 +52,14 @@ class Dist:
     device: torch.device
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed() -> Dist:
     """Init the default process group: nccl on CUDA, gloo on CPU. Under plain `python` (no torchrun env)
     it becomes a world of 1, so the FSDP2 code paths are the same as under torchrun."""
     if "RANK" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
+        with socket.socket() as s:  # a free port for the world-of-1 rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -288,40 +284,41 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 
 def save_hf(model, tokenizer, out_dir: str, *, dist: Dist, max_shard_bytes: int = 5 * 10**9) -> None:
-    """Write an HF model dir (safetensors in config.dtype: the loaded checkpoint's, fp32 for init_config; config.json,
-    generation_config.json, tokenizer files) via out_dir.tmp -> out_dir. Collective: all ranks call it."""
+    """Write an HF model dir via out_dir.tmp -> out_dir: safetensors in config.dtype (the loaded checkpoint's;
+    fp32 for init_config), sharded with model.safetensors.index.json above max_shard_bytes, tied copies
+    left out (HF re-ties on load), config.json, generation_config.json (eos/pad from the tokenizer where
+    unset, so HF generate stops at end-of-turn), tokenizer files. Collective: all ranks call it."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.rank == 0:
-        dtype = model.config.dtype  # the storage dtype build_model recorded
-        for alias in _param_aliases(model):  # tied copies are not stored (HF re-ties on load)
+        for alias in _param_aliases(model):
             state.pop(alias)
-        state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-        tmp = out_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        shards, size = [[]], 0
+        for name in state:  # one tensor at a time, so the fp32 and storage copies never coexist in full
+            state[name] = state[name].to(model.config.dtype).contiguous()
+        shards, size = [{}], 0
         for name, t in state.items():
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"), metadata=meta)
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                safetensors.torch.save_file({n: state[n] for n in names}, os.path.join(tmp, fname), metadata=meta)
-                weight_map.update({n: fname for n in names})
-            total = sum(t.numel() * t.element_size() for t in state.values())
+                shards, size = shards + [{}], 0
+            shards[-1][name], size = t, size + nbytes
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        names = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for fname, shard in zip(names, shards):
+            safetensors.torch.save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {n: fname for fname, shard in zip(names, shards) for n in shard}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+                json.dump(index, f, indent=2)
         model.config.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
+        gen = model.generation_config
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tokenizer.eos_token_id
+        if gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id
+        gen.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, out_dir)
     tdist.barrier()

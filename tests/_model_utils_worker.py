@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_model_utils_worker.py CHECK TMPDIR
 
-CHECK is "logprobs" (sharded vs unsharded HF log-probs, entropy and gradients, tied and untied; generate)
-or "save" (save_hf round trip through from_pretrained and build_model, save_state/load_state round trip).
+CHECK is "logprobs" (sharded vs unsharded HF log-probs, entropy and gradients, tied and untied; generate),
+"hf" (save_hf round trip through from_pretrained and build_model(path), bf16 storage) or "state"
+(save_state/load_state round trip, into the same and into a fresh model/optimizer).
 Every assertion compares against a plain, unsharded HF model in the same process. Exit code != 0 on failure.
 """
 import os
@@ -113,7 +114,22 @@ def check_logprobs(d: mu.Dist, tmp: str):
     assert_sharded(model)
 
 
-def check_save(d: mu.Dist, tmp: str):
+def trained_tied_model(d: mu.Dist):
+    """A tied tiny model with AdamW after one step (so the optimizer has state), and its step function."""
+    ids, mask = batch()
+    model = mu.build_model(path=None, init_config={**TINY, "tie_word_embeddings": True}, dist=d,
+                           param_dtype=torch.float32, reduce_dtype=torch.float32, activation_checkpointing=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def train_step(m=model, o=opt):
+        (-mu.sequence_logprobs(m, ids, mask).sum() / mask.sum()).backward()
+        o.step()
+        o.zero_grad()
+    train_step()
+    return model, opt, train_step
+
+
+def check_hf(d: mu.Dist, tmp: str):
     import synthetic
     tok_dir = os.path.join(tmp, "tok")
     if d.rank == 0:
@@ -121,17 +137,7 @@ def check_save(d: mu.Dist, tmp: str):
     torch.distributed.barrier()
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     ids, mask = batch()
-    cfg = {**TINY, "tie_word_embeddings": True}
-    model = mu.build_model(path=None, init_config=cfg, dist=d, param_dtype=torch.float32,
-                           reduce_dtype=torch.float32, activation_checkpointing=True, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-    def train_step():
-        logp = mu.sequence_logprobs(model, ids, mask)
-        (-logp.sum() / mask.sum()).backward()
-        opt.step()
-        opt.zero_grad()
-    train_step()
+    model, _, _ = trained_tied_model(d)
 
     # --- save_hf (forced into 2 shards + index), twice to the same dir: from_pretrained gives the same logp
     hf_dir = os.path.join(tmp, "hf")
@@ -167,6 +173,9 @@ def check_save(d: mu.Dist, tmp: str):
     for n, w in full_params(back).items():
         assert torch.equal(w, stored[n].float()), n
 
+
+def check_state(d: mu.Dist, tmp: str):
+    model, opt, train_step = trained_tied_model(d)
     # --- save_state / load_state round trip: weights, optimizer state, RNG, extras
     ckpt = os.path.join(tmp, "ckpt")
     extra = {"step": 1, "sampler": {"epoch": 0, "cursor": 3 + d.rank}, "t": torch.arange(3) * (d.rank + 1)}
@@ -190,12 +199,24 @@ def check_save(d: mu.Dist, tmp: str):
     assert set(saved_opt) == {"exp_avg", "exp_avg_sq"}, saved_opt.keys()
     assert torch.equal(torch.rand(3), draws[0]) and random.random() == draws[1] and np.random.rand() == draws[2]
     assert_sharded(model)
-    train_step()  # training continues after a load
+
+    # --- resume into a fresh model + fresh optimizer (train.py's path): the next step is identical
+    fresh = mu.build_model(path=None, init_config={**TINY, "tie_word_embeddings": True}, dist=d,
+                           param_dtype=torch.float32, reduce_dtype=torch.float32, activation_checkpointing=True,
+                           seed=5)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert mu.load_state(mu.latest_state(ckpt), fresh, fresh_opt, dist=d)["step"] == 3
+    mu.load_state(os.path.join(ckpt, "step-2"), fresh, fresh_opt, dist=d)
+    train_step()
+    train_step(fresh, fresh_opt)
+    theirs = full_params(fresh)
+    for n, w in full_params(model).items():
+        assert torch.equal(w, theirs[n]), f"resumed step differs at {n}"
 
 
 if __name__ == "__main__":
     check, tmp = sys.argv[1], sys.argv[2]
     dist = mu.setup_distributed()
-    {"logprobs": check_logprobs, "save": check_save}[check](dist, tmp)
+    {"logprobs": check_logprobs, "hf": check_hf, "state": check_state}[check](dist, tmp)
     mu.print0(f"OK {check} world={dist.world_size}")
     mu.teardown_distributed()

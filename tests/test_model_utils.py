@@ -35,10 +35,16 @@ def test_logprobs_grads_generate_match_unsharded(nproc, tmp_path):
     run_worker("logprobs", nproc, tmp_path)
 
 
-def test_save_hf_and_resume_state_round_trip(tmp_path):
-    """save_hf -> from_pretrained/AutoTokenizer and build_model(path) give the same log-probs;
-    save_state/load_state restore weights, AdamW state, RNG and per-rank extras; keep=2 prunes."""
-    run_worker("save", 2, tmp_path)
+def test_save_hf_round_trip(tmp_path):
+    """save_hf -> from_pretrained/AutoTokenizer and build_model(path) give the same log-probs (tied,
+    sharded index); a bf16 config is stored in bf16 and loads back into fp32 master weights."""
+    run_worker("hf", 2, tmp_path)
+
+
+def test_save_state_load_state_round_trip(tmp_path):
+    """save_state/load_state restore weights, AdamW state, RNG and per-rank extras; keep=2 prunes;
+    resuming into a fresh model + optimizer gives the identical next step."""
+    run_worker("state", 2, tmp_path)
 
 
 def _fake_state(root, name, marker: bool, world_size=1):
