@@ -16,11 +16,12 @@ Trace (the real teacher's layout, made compact because the tokenizer is characte
     \\boxed{3}
 
 Simulated teacher (16 samples per question). Per question, draw u ~ U(0, 1) and a fixed wrong
-value w_j != true_j for every step j (a systematic misconception). Each sample makes an error at
-step j with probability q = min(1, 2 * u * p_step_error(k)); an erroneous step writes w_j, and
-later steps compute from the written (wrong) values, so errors propagate. The heterogeneity in u
-gives many all-positive groups (easy questions) and a few questions where the shared wrong value
-beats the truth, so majority voting is sometimes wrong (the blog's Figure 2 situation).
+value w_j != true_j for every step j (a systematic misconception). The question's per-step error
+probability is q = min(1, 4 u^3 p_step_error(k)) (mean p_step_error(k)); each sample is either
+"systematic" (prob 1/2: its wrong steps write w_j) or "random" (wrong steps write a uniformly random
+wrong value). Later steps compute from the written (wrong) values, so errors propagate. The spread
+of q gives many all-positive groups (easy questions) and some questions where the shared wrong
+value beats the truth, so majority voting is sometimes wrong (the blog's Figure 2 situation).
 
 Process reward: every "Define v=...=value." step is re-checked against the true DAG value of v.
     fraction = #{nodes with a correct step (first occurrence)} / max(k, #steps parsed)
@@ -158,16 +159,16 @@ def correct_trace(problem: Problem) -> str:
 
 def p_step_error(k: int) -> float:
     """The simulated teacher's mean per-step error probability at difficulty k."""
-    return min(0.5, 0.04 * k)
+    return min(0.5, 0.03 * k)
 
 
 def teacher_traces(problem: Problem, rng: random.Random, n: int, p_error: float) -> list[str]:
-    """n samples from the simulated teacher (see the module docstring)."""
+    """n samples from the simulated teacher for one question (see the module docstring)."""
     truth = problem.values
     wrong = {v: (truth[v] + rng.randrange(1, problem.modulus)) % problem.modulus
              for v, _, _, _ in problem.steps}
-    q = min(1.0, 2.0 * rng.random() * p_error)
-    return [teacher_trace(problem, rng, q, wrong) for _ in range(n)]
+    q = min(1.0, 4.0 * rng.random() ** 3 * p_error)  # E[4 u^3] = 1
+    return [teacher_trace(problem, rng, q, wrong if rng.random() < 0.5 else None) for _ in range(n)]
 
 
 def teacher_trace(problem: Problem, rng: random.Random, p_step_error: float,
