@@ -9,7 +9,7 @@ One optimizer step:
      takes its share, every question with its whole group of G responses;
   2. on-policy only: sample G responses per question with the current policy, score them (reward.py);
   3. N_seq = number of sequences in the step over all ranks (SFT: positive ones) -- computed once,
-     all-reduced; the loss divides by it and FSDP is told not to divide again (eq. 6 in README);
+     all-reduced; the loss divides by it and FSDP sums gradients without dividing again (eq. 6);
   4. per micro-batch: logp by the fused lm_head+log-softmax (fused_logprob.py), ref_logp (live model
      or cached pre-pass) for the k3 KL, advantages per group, the per-token loss (loss.py), backward;
   5. clip the grad norm, AdamW step, warmup + cosine; a non-finite loss or grad norm skips the step;
@@ -244,7 +244,12 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    run(cfg)
+    import data
+    try:
+        run(cfg)
+    except data.DataError as e:  # bad input data: one line, no traceback
+        print(f"data error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(cfg: Config) -> None:
@@ -252,7 +257,6 @@ def run(cfg: Config) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -290,10 +294,7 @@ def run(cfg: Config) -> None:
     G = cfg.data.group_size
     dataset = data.GroupDataset(records, tokenizer, group_size=G, max_len=cfg.data.max_len)
     print0(f"data: {len(dataset)} questions x {G} responses; {dataset.report}")
-    pass_rates = None
-    if cfg.data.pass_rates:
-        with open(cfg.data.pass_rates) as f:
-            pass_rates = json.load(f)
+    pass_rates = data.read_pass_rates(cfg.data.pass_rates) if cfg.data.pass_rates else None
     weights = None
     if cfg.data.agreement_weights or cfg.data.difficulty_weights or pass_rates:
         weights = data.sampling_weights(dataset.records, agreement_weights=cfg.data.agreement_weights,
@@ -311,10 +312,6 @@ def run(cfg: Config) -> None:
     build = dict(path=cfg.model.path, init_config=cfg.model.init_config, dist=d, param_dtype=param_dtype,
                  reduce_dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed)
     model = mu.build_model(**build, activation_checkpointing=cfg.model.activation_checkpointing)
-    # The loss is already divided by the global sequence count (eq. 6): FSDP must sum, not average.
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
     use_ref = cfg.loss.kl_coef > 0
     ref_model = None
     if use_ref and cfg.loss.ref_logprobs == "live":
@@ -504,7 +501,7 @@ def run(cfg: Config) -> None:
                    "seconds": seconds, "perf/tokens_per_second": tokens / max(seconds, 1e-9),
                    "policy/adv_mean": adv_sum / num_seqs, "policy/kl_mean": kl_sum / num_seqs,
                    "policy/entropy": ent_sum / num_seqs, "data/all_positive_share": all_pos / n_q,
-                   "data/reward_mean": reward_sum / (n_q * G), "data/epoch": sampler.epoch,
+                   "data/reward_mean": reward_sum / (n_q * G), "data/epoch": sampler.progress,
                    "loss/nonfinite_skipped": nonfinite_total}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

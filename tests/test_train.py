@@ -114,6 +114,9 @@ def test_blog_and_released_configs_differ_as_documented():
     ("train.max_steps=2.5", "train.max_steps: expected int, got 2.5"),
     ("data.train_path=/nonexistent.jsonl", "data.train_path not found"),
     ("loss.name=dpo", "loss.name must be sft, offgrpo or onpolicy"),
+    ("model.path=/tmp", "set exactly one of model.path and model.init_config"),
+    ("model.tokenizer=/nonexistent", "model.tokenizer not found"),
+    ("loss.luffy_gamma=0.1", "loss.luffy_gamma replaces the clip"),
 ])
 def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):
     out = tmp_path / "run"
@@ -127,6 +130,20 @@ def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
     assert not out.exists()
+
+
+def test_model_path_without_weights_and_incompatible_options(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path)}, "data": {"train_path": __file__}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for override, message in [("loss.name=sft", f"model.path has no safetensors weights: {tmp_path}"),
+                              ("loss.name=onpolicy loss.kl_coef=0.1 loss.ref_logprobs=cached",
+                               "loss.ref_logprobs=cached needs fixed responses")]:
+        proc = subprocess.run([sys.executable, "train.py", str(path), *override.split()], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+        assert not (tmp_path / "run").exists()
 
 
 def test_base_sft_same_losses_on_1_and_2_ranks(lab):
