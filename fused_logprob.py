@@ -16,16 +16,18 @@ fp32. Forward saves only the inputs and per-token lse (and E_p[z]); backward rec
 by piece, so extra memory is O(N + V*H + one chunk/tile), never O(N*V).
 
 Backends: "torch" chunks over tokens (CHUNK_BYTES of fp32 logits per chunk): the CPU path and the readable
-reference of what the kernels compute. "triton" tiles over the vocabulary with an online log-sum-exp
-(forward) and recomputes logit tiles in backward. "auto" = triton for CUDA tensors when triton imports,
-torch otherwise. Under TRITON_INTERPRET=1 (set before triton is imported) backend="triton" also takes CPU
-tensors; that is how tests/test_fused_logprob.py checks the kernels.
+reference of what the kernels compute. "triton" tiles over the vocabulary; its forward keeps an online
+log-sum-exp per token, over vocab tiles: m' = max(m, max_tile z), s' = s exp(m - m') + sum_tile exp(z - m'),
+and likewise for sum p z; its backward recomputes logit tiles and accumulates both gradients in fp32 with
+atomics (not bitwise deterministic across runs). "auto" = triton for CUDA tensors when triton imports, torch
+otherwise. Under TRITON_INTERPRET=1 (set before triton is imported) backend="triton" also takes CPU tensors;
+that is how tests/test_fused_logprob.py checks the kernels.
 
 For the caller (FSDP2): the lm_head weight is a DTensor shard between forward methods. Compute log-probs
 inside a model method registered with torch.distributed.fsdp.register_fsdp_forward_method(model, name):
-there the weight is the unsharded full Parameter (pass it as is, not a copy: this function saves it for
-backward and FSDP re-gathers its storage), and its gradient lands back as a DTensor. Tied embeddings work
-the same way (pass the embedding weight).
+there the weight is the unsharded full Parameter (pass that Parameter itself: it is what this function
+saves for backward; a copy would stay alive until backward), and its gradient lands back as a DTensor.
+Tied embeddings work the same way (pass the embedding weight).
 """
 from dataclasses import dataclass
 
@@ -38,9 +40,11 @@ except ImportError:  # the torch backend needs no triton
     triton = None
 
 BACKENDS = ("auto", "torch", "triton")
-# fp32 bytes of one chunk's logits in the torch backend: 64 MiB is ~110 tokens at V=151,936; backward
-# holds at most two such buffers. Tests shrink it to cross chunk boundaries.
-CHUNK_BYTES = 64 * 2**20
+# fp32 bytes of one chunk's logits in the torch backend (at most two such buffers live; tests shrink it to
+# cross chunk boundaries). 256 MiB is 441 tokens at V=151,936: measured on this lab's 2 CPU cores
+# (benchmarks/logprob.py, N=4096, H=512), fwd+bwd took 1.11x the naive time with 256 MiB vs 1.20x with
+# 64 MiB (taller chunks make faster GEMMs), for 8% vs 5% of the naive path's extra memory.
+CHUNK_BYTES = 256 * 2**20
 
 
 def fused_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
@@ -55,7 +59,7 @@ def fused_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-10
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))  # [N]
-    if bad.any():  # one host sync; an out-of-range id would otherwise read garbage in the kernel
+    if bad.any():  # one host sync; in the kernel an out-of-range id would silently give logp = -lse
         raise ValueError(f"targets outside [0, {weight.shape[0]}) that are not ignore_index={ignore_index}")
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and triton is not None else "torch"
@@ -83,23 +87,34 @@ def _upstream(grads, with_entropy, valid):
 
 
 class _ChunkedLogProb(torch.autograd.Function):
+    # CPU notes: each chunk's logits go into one buffer allocated per call (a fresh >32 MiB block would be
+    # a new mmap, page faults and zeroing per chunk), and 1/T multiplies the small [C, H] operand, not [C, V].
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, ignore_index, with_entropy):
         n, v = hidden.shape[0], weight.shape[0]
-        rows = _chunk_rows(v)
-        w32 = weight.float()  # [V, H]; a copy only for 16-bit weights (bounded by V*H, not N*V)
+        rows = max(1, min(n, _chunk_rows(v)))
+        w32_t = weight.float().T  # [H, V]; a copy only for 16-bit weights (bounded by V*H, not N*V)
         valid = targets != ignore_index  # [N]
         tgt = torch.where(valid, targets, 0)  # [N] a safe gather index
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [N]
-        logp = torch.empty_like(lse)  # [N]
-        ez = torch.empty_like(lse) if with_entropy else None  # [N] E_p[z]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        lse, logp = torch.empty(n, **f32), torch.empty(n, **f32)  # [N], [N]
+        ez = torch.empty(n, **f32) if with_entropy else None  # [N] E_p[z]
+        zbuf = torch.empty(rows, v, **f32)  # [C, V]
+        pbuf = torch.empty(rows, v, **f32) if with_entropy else None  # [C, V]
         for s in range(0, n, rows):
-            z = torch.mm(hidden[s:s + rows].float(), w32.T).mul_(scale)  # [C, V] fp32
-            lse_c = torch.logsumexp(z, dim=1)  # [C]
-            lse[s:s + rows] = lse_c
-            logp[s:s + rows] = z.gather(1, tgt[s:s + rows, None]).squeeze(1) - lse_c
+            sl, c = slice(s, s + rows), min(rows, n - s)
+            z = torch.mm(hidden[sl].float() * scale, w32_t, out=zbuf[:c])  # [C, V] scaled logits
+            m = z.amax(dim=1)  # [C]
+            zt = z.gather(1, tgt[sl, None]).squeeze(1)  # [C] target logit
+            z.sub_(m[:, None])  # z - m
             if with_entropy:
-                ez[s:s + rows] = z.sub(lse_c[:, None]).exp_().mul_(z).sum(1)  # sum_v p z
+                ex = torch.exp(z, out=pbuf[:c])  # [C, V] exp(z - m)
+                sum_ex = ex.sum(dim=1)  # [C]
+                ez[sl] = ex.mul_(z).sum(dim=1) / sum_ex + m  # E_p[z] = sum exp(z - m) (z - m) / sum + m
+            else:
+                sum_ex = z.exp_().sum(dim=1)  # [C]
+            lse[sl] = m + sum_ex.log()
+            logp[sl] = zt - lse[sl]
         logp.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, targets, lse, ez)
         ctx.scale, ctx.ignore_index, ctx.with_entropy = scale, ignore_index, with_entropy
@@ -113,29 +128,36 @@ class _ChunkedLogProb(torch.autograd.Function):
         hidden, weight, targets, lse, ez = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         n, v = hidden.shape[0], weight.shape[0]
-        rows = _chunk_rows(v)
+        rows = max(1, min(n, _chunk_rows(v)))
         valid = targets != ctx.ignore_index  # [N]
         tgt = torch.where(valid, targets, 0)  # [N]
         g, e = _upstream(grads, ctx.with_entropy, valid)  # [N], [N] or None
-        w32 = weight.float()  # [V, H]
+        gs = g * ctx.scale  # [N] the 1/T of z = x / T folded into the upstream gradient
+        w32_t = weight.float().T  # [H, V]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None  # [N, H] hidden's dtype
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
+        grad_w = torch.empty(weight.shape, **f32) if need_w else None  # [V, H] fp32 accumulator
+        zbuf = torch.empty(rows, v, **f32)  # [C, V]
+        pbuf = torch.empty(rows, v, **f32) if e is not None else None  # [C, V]
         for s in range(0, n, rows):
-            sl = slice(s, s + rows)
+            sl, c = slice(s, s + rows), min(rows, n - s)
             h32 = hidden[sl].float()  # [C, H]
-            z = torch.mm(h32, w32.T).mul_(ctx.scale)  # [C, V] recomputed logits
-            if e is None:  # dz = -g p, computed in z's buffer
-                dz = z.sub_(lse[sl, None]).exp_().mul_(-g[sl, None])  # [C, V]
-            else:  # dz = -p (g + e (z - E_p[z])); p needs z, so a second buffer
-                p = (z - lse[sl, None]).exp_()  # [C, V]
-                dz = z.sub_(ez[sl, None]).mul_(e[sl, None]).add_(g[sl, None]).mul_(p).neg_()  # [C, V]
-                del p
-            dz.scatter_add_(1, tgt[sl, None], g[sl, None])  # + g at the target
-            dz.mul_(ctx.scale)  # z = x / T: chain rule to the raw logits x
+            z = torch.mm(h32 * ctx.scale, w32_t, out=zbuf[:c])  # [C, V] recomputed scaled logits
+            if e is None:  # dz/T = -g p / T, in z's buffer
+                dz = z.sub_(lse[sl, None]).exp_().mul_(-gs[sl, None])  # [C, V]
+            else:  # dz/T = -p (g + e (z - E_p[z])) / T = p (a + b z), a = (e E_p[z] - g) / T, b = -e / T
+                es = e[sl] * ctx.scale  # [C]
+                p = torch.sub(z, lse[sl, None], out=pbuf[:c]).exp_()  # [C, V]
+                dz = z.mul_(-es[:, None]).add_((es * ez[sl] - gs[sl])[:, None]).mul_(p)  # [C, V]
+            dz.scatter_add_(1, tgt[sl, None], gs[sl, None])  # + g / T at the target
             if need_h:
-                grad_h[sl] = torch.mm(dz, w32)  # [C, H]
-            if need_w:
+                grad_h[sl] = torch.mm(dz, w32_t.T)  # [C, H]
+            if need_w and s == 0:
+                torch.mm(dz.T, h32, out=grad_w)  # [V, H]
+            elif need_w:
                 grad_w.addmm_(dz.T, h32)  # [V, H] fp32 accumulation
+        if need_w and n == 0:
+            grad_w.zero_()
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 

@@ -184,3 +184,14 @@ def test_torch_backend_memory_bounded_by_chunk(monkeypatch):
             else:
                 assert "addmm_" in probe.ops  # the probe saw the backward too
                 assert probe.max_bytes <= bound
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_tokens(backend):
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    logp, ent = fused_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), return_entropy=True,
+                               backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    assert logp.shape == ent.shape == (0,)
+    assert hidden.grad.shape == (0, 8) and (weight.grad == 0).all()
