@@ -60,6 +60,13 @@ def setup_distributed() -> Dist:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"  # (set by torchrun)
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Seen with torch 2.13: restarted workers share the agent's store with the failed attempt, under the same
+        # "default_pg" keys, so init_process_group read a dead peer's address or a full barrier and hung
+        # (pytorch#135712). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a fresh store.
+        raise SystemExit("error: torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
+                         "environment; without it a restarted job can hang")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -390,9 +397,7 @@ def save_state(ckpt_root: str, step: int, model, optimizer, extra: dict, *, dist
     if dist.rank == 0:
         with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
             json.dump({"step": step, "world_size": dist.world_size}, f)
-        if os.path.exists(final):  # same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _replace_dir(tmp, final)  # the commit: one rename (a same-step final is moved aside, then deleted)
         complete = _complete_states(ckpt_root)
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old[1])

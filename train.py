@@ -160,13 +160,25 @@ def _fill(dc, values: dict, prefix: str):
             setattr(dc, key, _coerce(value, hints[key], full))
 
 
+def _parse_yaml(text, where: str):
+    """yaml.safe_load, its multi-line errors turned into a one-line ConfigError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}{at}") from None
+
+
 def load_config(path: str, overrides: list[str], *, check_paths: bool = True) -> Config:
     """YAML file + `section.key=value` overrides (values parsed as YAML) -> validated Config.
     check_paths=False skips the existence checks of model and data paths (to lint configs anywhere)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    with open(path, "rb") as f:  # bytes: PyYAML reports bad UTF-8 as a YAMLError with a position
+        raw = _parse_yaml(f.read(), path)
+    raw = {} if raw is None else raw
+    need(isinstance(raw, dict), f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -175,7 +187,8 @@ def load_config(path: str, overrides: list[str], *, check_paths: bool = True) ->
         node = raw
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+            need(isinstance(node, dict), f"override '{item}': '{p}' is not a section")
+        node[leaf] = _parse_yaml(value, f"override '{item}'")
     cfg = Config()
     _fill(cfg, raw, "")
     validate(cfg)
@@ -338,8 +351,8 @@ def run(cfg: Config) -> None:
         print0(f"resumed from {latest} at step {step}")
     metrics_path = os.path.join(out, "metrics.jsonl")
     if d.rank == 0 and os.path.exists(metrics_path):  # drop rows of steps that will be re-run
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(metrics_path) as f:  # (a last line torn by a kill has no newline: dropped as well)
+            kept = [line for line in f if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
 
@@ -488,6 +501,7 @@ def run(cfg: Config) -> None:
             nonfinite_total += 1
             print0(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}; step skipped")
             if nonfinite_streak >= cfg.train.max_nonfinite:
+                bar.close()  # so the message below is a line of its own
                 raise SystemExit(f"error: {nonfinite_streak} non-finite steps in a row (last at step {step + 1}); aborting")
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -1,0 +1,81 @@
+"""train.py with one injected crash per torchrun attempt (used by tests/test_faults.py; no hooks in train.py).
+
+    OFFGRPO_FAULTS='[{"kind": "torn_rank_file", "step": 3, "rank": 1}, ...]' OFFGRPO_PROBE=probe.jsonl \
+    torchrun --max-restarts=N tests/_fault_run.py CONFIG.yaml [section.key=value ...]
+
+Attempt a (TORCHELASTIC_RESTART_COUNT) injects fault a of the list, if any, by patching a writer that
+model_utils.save_state calls, then runs train.main unchanged:
+  torn_rank_file      the rank writes the first half of its rank<R>.safetensors into ckpt/step-<step>.tmp
+                      (after dcp.save wrote the shards), then SIGKILLs itself: a half-written checkpoint
+                      without the COMPLETE marker, and a peer left waiting in the next barrier;
+  kill_before_commit  the rank (0: it commits) SIGKILLs itself after COMPLETE is in ckpt/step-<step>.tmp,
+                      just before the rename that commits it.
+Before train.main, rank 0 of every attempt appends what a fresh process finds to OFFGRPO_PROBE:
+{"attempt", "latest": model_utils.latest_state(ckpt), "dirs": {name: has COMPLETE} for each dir in ckpt/}.
+"""
+import json
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import safetensors.torch  # noqa: E402
+
+import model_utils as mu  # noqa: E402
+import train  # noqa: E402
+
+
+def die():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def inject(kind: str, step: int, rank: int) -> None:
+    tmp_dir = f"step-{step}.tmp"
+    if int(os.environ["RANK"]) != rank:
+        return
+    if kind == "torn_rank_file":
+        real = safetensors.torch.save_file
+
+        def torn_save_file(tensors, filename, metadata=None):
+            if not filename.endswith(os.path.join("ckpt", tmp_dir, f"rank{rank}.safetensors")):
+                return real(tensors, filename, metadata=metadata)
+            blob = safetensors.torch.save(tensors, metadata=metadata)
+            with open(filename, "wb") as f:
+                f.write(blob[: len(blob) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            die()
+        safetensors.torch.save_file = torn_save_file  # model_utils calls safetensors.torch.save_file
+    elif kind == "kill_before_commit":
+        real_rename = os.rename
+
+        def rename_or_die(src, dst):
+            if os.path.basename(src) == tmp_dir:
+                assert os.path.isfile(os.path.join(src, mu.COMPLETE_MARKER))
+                die()
+            return real_rename(src, dst)
+        os.rename = rename_or_die
+    else:
+        raise ValueError(f"unknown fault {kind!r}")
+
+
+def probe(attempt: int, ckpt: str, path: str) -> None:
+    names = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
+    found = {"attempt": attempt, "latest": mu.latest_state(ckpt),
+             "dirs": {n: os.path.isfile(os.path.join(ckpt, n, mu.COMPLETE_MARKER)) for n in names}}
+    with open(path, "a") as f:
+        f.write(json.dumps(found) + "\n")
+
+
+if __name__ == "__main__":
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    faults = json.loads(os.environ["OFFGRPO_FAULTS"])
+    cfg = train.load_config(sys.argv[1], sys.argv[2:])
+    if int(os.environ["RANK"]) == 0:
+        probe(attempt, os.path.join(cfg.output_dir, "ckpt"), os.environ["OFFGRPO_PROBE"])
+    if attempt < len(faults):
+        inject(**faults[attempt])
+    train.main(sys.argv[1:])
