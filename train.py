@@ -345,7 +345,10 @@ def run(cfg: Config) -> None:
     nonfinite_total = 0
     latest = mu.latest_state(ckpt_root) if cfg.train.resume == "auto" else None
     if latest is not None:
-        extra = mu.load_state(latest, model, optimizer, dist=d)
+        try:
+            extra = mu.load_state(latest, model, optimizer, dist=d)
+        except ValueError as e:  # e.g. saved with another world size
+            raise SystemExit(f"error: cannot resume from {latest}: {e}") from None
         step, nonfinite_total = extra["step"], extra["nonfinite_total"]
         sampler.load_state_dict(extra["sampler"])
         print0(f"resumed from {latest} at step {step}")
