@@ -1,7 +1,7 @@
-"""Data: OpenThoughts3 reading, curation into groups, difficulty-aware sampling, tokenisation, batching.
+"""Data: reading curated records, difficulty-aware sampling, tokenisation, batching (the training side).
 
-Flow: raw rows (JSONL/parquet) --curate--> curated JSONL (one record per question) --read_records-->
-records --GroupDataset--> token groups --GroupSampler + collate--> batches for train.py.
+Flow: raw rows --curate.py--> curated JSONL (one record per question) --read_records--> records
+--GroupDataset--> token groups --GroupSampler + collate--> batches for train.py.
 
 Curated record (one JSONL line per question):
     {"id", "question", "responses": [G str], "rewards": [G float], "gold": str | null,
@@ -10,22 +10,21 @@ Curated record (one JSONL line per question):
 Malformed-input rule (raw rows and curated records alike): a malformed line is skipped and counted by
 reason, with the first offending file:line named; if more than 1% of the non-blank lines are malformed the
 read aborts with DataError (the CLI prints its one-line message, no traceback, and exits with status 2).
+The reading utilities that implement it (DataError, MalformedCounter, iter_json_lines) live here and
+curate.py imports them; data.py does not import curate.py except to forward its CLI command.
 
-CLI:  python data.py curate --input RAW.jsonl|RAW.parquet [...] --output CURATED.jsonl [--group-size 8]
-          [--min-samples G] [--min-agreement 0.5] [--seed 0] [--workers N]      (rules: curate())
-Sections: curated records (read_records, sampling_weights) | tokenisation and batching (GroupDataset,
-collate, GroupSampler) | raw OpenThoughts3 rows (parse_row) | curation (curate, CLI).
+CLI:  python data.py curate ARGS  is  python curate.py ARGS  (OpenThoughts3 curation, rules: curate.curate()).
+Sections: reading utilities | curated records (read_records, sampling_weights, read_pass_rates) |
+tokenisation and batching (GroupDataset, collate, GroupSampler) | CLI.
 """
-import argparse
-import hashlib
 import json
 import os
-import random
 import sys
-from collections import Counter
 
 import numpy as np
 import torch
+
+# --------------------------------------------------------------------------- reading utilities (curate.py uses them)
 
 MAX_MALFORMED_FRACTION = 0.01
 
@@ -186,6 +185,17 @@ def sampling_weights(records, *, agreement_weights, difficulty_weights, pass_rat
         weights.append(w)
     return weights
 
+
+def read_pass_rates(path):
+    """{question_id: pass rate in [0, 1]} from a JSON file (for sampling_weights)."""
+    with open(path) as f:
+        rates = json.load(f)
+    if not isinstance(rates, dict) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in rates.values()):
+        raise DataError(f"{path}: expected a JSON object {{question_id: rate in [0, 1]}}")
+    return {str(k): float(v) for k, v in rates.items()}
+
+
+# --------------------------------------------------------------------------- tokenisation and batching
 
 def _batch_ids(encoded):
     """apply_chat_template(batch, tokenize=True) returns lists in transformers 4 and a BatchEncoding in 5."""
@@ -348,239 +358,18 @@ class GroupSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-# --------------------------------------------------------------------------- raw OpenThoughts3 rows
-
-USER_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"gpt", "assistant"}
-
-
-def iter_raw_rows(paths, counter, wanted=None):
-    """Yield (file_index, line_no, row dict) from JSONL or parquet files (parquet: line_no = row number)."""
-    for fi, path in enumerate(paths):
-        if str(path).endswith(".parquet"):
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-            line_no = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                for row in batch.to_pylist():
-                    line_no += 1
-                    if wanted is None:
-                        counter.total += 1
-                    if wanted is None or line_no in wanted[fi]:
-                        yield fi, line_no, row
-        else:
-            for line_no, row in iter_json_lines(path, counter, None if wanted is None else wanted[fi]):
-                yield fi, line_no, row
-
-
-def parse_row(row):
-    """OpenThoughts3 row -> (None, (question, response, source, difficulty, dag)) or (reason, None).
-
-    Turns: `from` or `role` in {human, user} / {gpt, assistant}, text in `value` or `content`; the
-    question is the first user turn, the response the first assistant turn after it. Reason "not_math"
-    (a skip, not malformed) for a domain other than "math"; rows without a domain (or domain null) are
-    KEPT -- local math-only dumps and the synthetic teacher may omit it -- and counted as rows_no_domain.
-    difficulty: int, integral float or digit string (-> int), or null."""
-    conv, domain, source = row.get("conversations"), row.get("domain"), row.get("source")
-    difficulty, dag = row.get("difficulty"), row.get("dag")
-    if conv is None:
-        return "missing_turns", None
-    if (not isinstance(conv, list) or not all(isinstance(t, dict) for t in conv)
-            or not isinstance(domain, (str, type(None))) or not isinstance(source, (str, type(None)))
-            or not isinstance(dag, (dict, type(None)))):
-        return "wrong_type", None
-    if domain is not None and domain != "math":
-        return "not_math", None
-    if (isinstance(difficulty, str) and difficulty.strip().isdigit()
-            or isinstance(difficulty, float) and difficulty.is_integer()):
-        difficulty = int(difficulty)
-    elif difficulty is not None and (not isinstance(difficulty, int) or isinstance(difficulty, bool)):
-        return "wrong_type", None
-    question = response = None
-    for turn in conv:
-        # parquet structs may hold both key pairs with one of them null, hence `or`
-        role = next((turn[k] for k in ("from", "role") if turn.get(k) is not None), None)
-        text = next((turn[k] for k in ("value", "content") if turn.get(k) is not None), None)
-        if not isinstance(role, str) or not isinstance(text, str):
-            return "wrong_type", None
-        if question is None and role in USER_ROLES:
-            question = text
-        elif question is not None and role in ASSISTANT_ROLES:
-            response = text
-            break
-    if question is None or response is None:
-        return "missing_turns", None
-    if not question.strip() or not response.strip():
-        return "empty_question" if not question.strip() else "empty_response", None
-    return None, (question, response, source, difficulty, dag)
-
-
-# --------------------------------------------------------------------------- curation
-
-def _vote(job):
-    """Pool worker: (answers, true_answer | None) -> (gold, rewards, gold_correct | None)."""
-    from reward import answers_equivalent, majority_vote
-    answers, truth = job
-    gold, rewards = majority_vote(answers)
-    return gold, rewards, None if truth is None or gold is None else answers_equivalent(gold, truth)
-
-
-def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5, seed=0, workers=1):
-    """Raw rows -> curated JSONL (one record per question) + <output>.report.json; returns the report.
-
-    1. read rows (parse_row), group math rows by whitespace-normalised question text;
-    2. answers = extract_answer(response); gold, rewards = majority_vote(all answers of the question)
-       (math-verify equivalence clusters; equal strings short-circuit in answers_equivalent);
-       agreement = |majority cluster| / #samples (unanswered samples count in the denominator);
-    3. drop questions, in this order: fewer than min_samples (default group_size) samples, no boxed
-       answer in any sample, a tie for the majority (gold None), agreement < min_agreement;
-    4. keep group_size responses: a random subset from random.Random(f"{seed}:{question key}") over the
-       samples sorted by response hash -- deterministic given the seed and the samples, not file order;
-       all_positive = every kept reward > 0.
-    Two passes over the inputs (answers and line numbers first, kept responses second) keep memory small.
-    """
-    from reward import extract_answer
-    min_samples = group_size if min_samples is None else min_samples
-    if min_samples < group_size:
-        raise ValueError(f"min_samples {min_samples} < group_size {group_size}")
-    counter, groups, skipped = MalformedCounter(), {}, Counter()
-    for fi, line_no, row in iter_raw_rows(inputs, counter):
-        reason, parsed = parse_row(row)
-        if reason == "not_math":
-            skipped["rows_not_math"] += 1
-        elif reason is not None:
-            counter.bad(reason, f"{inputs[fi]}:{line_no}")
-        else:
-            question, response, source, difficulty, dag = parsed
-            skipped["rows_no_domain"] += row.get("domain") is None
-            key = " ".join(question.split())
-            g = groups.setdefault(key, {"question": question, "samples": [], "source": source,
-                                        "difficulty": difficulty, "dag": dag})
-            g["question"] = min(g["question"], question)  # a deterministic variant when rows differ in spacing
-            digest = hashlib.sha1(response.encode()).digest()[:8]
-            g["samples"].append((digest, extract_answer(response), fi, line_no))
-    counter.check("curate")
-    drops = Counter({"too_few_samples": 0, "no_boxed_answer": 0, "tie": 0, "low_agreement": 0})
-    jobs = []
-    for key, g in groups.items():
-        g["samples"].sort()
-        if len(g["samples"]) < min_samples:
-            drops["too_few_samples"] += 1
-        elif all(s[1] is None for s in g["samples"]):
-            drops["no_boxed_answer"] += 1
-        else:
-            truth = None if g["dag"] is None else _true_answer(g["dag"])
-            jobs.append((key, ([s[1] for s in g["samples"]], truth)))
-    if workers > 1:  # math-verify is the cost; equal strings never reach it (answers_equivalent)
-        import multiprocessing
-        with multiprocessing.Pool(workers) as pool:
-            votes = pool.map(_vote, [j for _, j in jobs], chunksize=max(1, len(jobs) // (8 * workers)))
-    else:
-        votes = [_vote(j) for _, j in jobs]
-    kept, hist, gold_correct = {}, [0] * 10, {"voted": [], "kept": []}  # kept: key -> record skeleton
-    wanted = [dict() for _ in inputs]  # file index -> {line_no: (key, slot)}
-    for (key, _), (gold, rewards, correct) in zip(jobs, votes):
-        g = groups[key]
-        if gold is None:
-            drops["tie"] += 1
-            continue
-        agreement = sum(rewards) / len(rewards)
-        hist[min(int(agreement * 10), 9)] += 1
-        if correct is not None:
-            gold_correct["voted"].append(correct)
-        if agreement < min_agreement:
-            drops["low_agreement"] += 1
-            continue
-        if correct is not None:
-            gold_correct["kept"].append(correct)
-        pick = sorted(random.Random(f"{seed}:{key}").sample(range(len(rewards)), group_size))
-        for slot, i in enumerate(pick):
-            wanted[g["samples"][i][2]][g["samples"][i][3]] = (key, slot)
-        kept_rewards = [rewards[i] for i in pick]
-        rec = {"id": hashlib.sha1(key.encode()).hexdigest()[:16], "question": g["question"],
-               "responses": [None] * group_size, "rewards": kept_rewards, "gold": gold,
-               "agreement": agreement, "all_positive": all(r > 0 for r in kept_rewards),
-               "difficulty": g["difficulty"], "source": g["source"]}
-        if g["dag"] is not None:
-            rec["dag"] = g["dag"]
-        kept[key] = rec
-    num_kept, num_all_positive = len(kept), sum(r["all_positive"] for r in kept.values())
-    with open(output, "w") as f:  # second pass: fetch the kept responses, write each question when complete
-        for fi, line_no, row in iter_raw_rows(inputs, MalformedCounter(), wanted):
-            key, slot = wanted[fi][line_no]
-            rec = kept[key]
-            rec["responses"][slot] = parse_row(row)[1][1]
-            if all(r is not None for r in rec["responses"]):
-                f.write(json.dumps(kept.pop(key)) + "\n")
-    assert not kept, "second pass missed responses"
-    report = {"inputs": [str(p) for p in inputs], "output": str(output),
-              "settings": {"group_size": group_size, "min_samples": min_samples, "min_agreement": min_agreement,
-                           "seed": seed},
-              "rows_read": counter.total, "rows_malformed": counter.num_malformed, "malformed": counter.reasons,
-              "rows_not_math": skipped["rows_not_math"], "rows_no_domain": skipped["rows_no_domain"],
-              "questions_read": len(groups), "questions_kept": num_kept, "dropped": dict(drops),
-              "all_positive_share": num_all_positive / num_kept if num_kept else 0.0,
-              "agreement_histogram": {f"[{i / 10:.1f},{(i + 1) / 10:.1f}{']' if i == 9 else ')'}": n
-                                      for i, n in enumerate(hist)}}
-    if gold_correct["voted"]:  # synthetic task: majority label vs the ground truth
-        report["majority_accuracy"] = {k: sum(v) / len(v) if v else None for k, v in gold_correct.items()}
-    with open(f"{output}.report.json", "w") as f:
-        json.dump(report, f, indent=1)
-    return report
-
-
-def _true_answer(dag):
-    from synthetic import Problem
-    return str(Problem.from_dict(dag).answer)
-
-
-def format_report(report):
-    lines = [f"rows read {report['rows_read']}, malformed {report['rows_malformed']}, "
-             f"not math {report['rows_not_math']}, no domain field {report['rows_no_domain']}"]
-    lines += [f"  malformed {r}: {e['count']} (first at {e['first']})" for r, e in sorted(report["malformed"].items())]
-    lines.append(f"questions read {report['questions_read']}, kept {report['questions_kept']}, dropped "
-                 + ", ".join(f"{r} {n}" for r, n in report["dropped"].items()))
-    lines.append(f"all-positive groups {report['all_positive_share']:.1%} of kept")
-    lines.append("agreement (questions with a majority):")
-    top = max(report["agreement_histogram"].values()) or 1
-    lines += [f"  {b:<10} {n:>6} {'#' * round(40 * n / top)}" for b, n in report["agreement_histogram"].items()]
-    if "majority_accuracy" in report:
-        acc = report["majority_accuracy"]
-        lines.append("majority label correct vs ground truth: "
-                     + ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if v is not None))
-    return "\n".join(lines)
-
-
-def read_pass_rates(path):
-    """{question_id: pass rate in [0, 1]} from a JSON file (for sampling_weights)."""
-    with open(path) as f:
-        rates = json.load(f)
-    if not isinstance(rates, dict) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in rates.values()):
-        raise DataError(f"{path}: expected a JSON object {{question_id: rate in [0, 1]}}")
-    return {str(k): float(v) for k, v in rates.items()}
-
+# --------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="offgrpo data tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("curate", help="OpenThoughts3 rows (JSONL/parquet) -> curated groups JSONL")
-    c.add_argument("--input", nargs="+", required=True)
-    c.add_argument("--output", required=True)
-    c.add_argument("--group-size", type=int, default=8, help="responses kept per question")
-    c.add_argument("--min-samples", type=int, default=None, help="drop questions with fewer (default: group size)")
-    c.add_argument("--min-agreement", type=float, default=0.5)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="voting processes")
-    args = ap.parse_args(argv)
-    try:
-        report = curate(args.input, args.output, group_size=args.group_size, min_samples=args.min_samples,
-                        min_agreement=args.min_agreement, seed=args.seed, workers=args.workers)
-    except DataError as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(format_report(report))
-    print(f"wrote {args.output} and {args.output}.report.json")
+    """`python data.py curate ARGS` runs `python curate.py ARGS` (the README, configs and launch scripts use it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] != ["curate"]:
+        usage = "usage: data.py curate --input RAW [...] --output CURATED [...]  (= curate.py; data.py curate -h)"
+        helped = argv[:1] in (["-h"], ["--help"])
+        print(usage, file=sys.stdout if helped else sys.stderr)
+        sys.exit(0 if helped else 2)
+    import curate  # here, not at the top: curate imports data (raw rows -> curate -> records -> data)
+    curate.main(argv[1:], prog="data.py curate")
 
 
 if __name__ == "__main__":

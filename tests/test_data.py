@@ -1,13 +1,12 @@
-"""Tests for data.py: reading, curation, sampling weights, tokenisation mask, collate, GroupSampler."""
+"""Tests for data.py: reading curated records, sampling weights, tokenisation mask, collate, GroupSampler.
+(Curation: tests/test_curate.py.)"""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import data
 import synthetic
-from reward import answers_equivalent, extract_answer
 from data import DataError, GroupDataset, GroupSampler, collate, read_records, sampling_weights
 
 
@@ -155,116 +154,3 @@ def test_sampler_weighted():
         GroupSampler(3, 2, rank=0, world_size=1, seed=0, weights=[0, 0, 0])
     with pytest.raises(ValueError):
         GroupSampler(3, 3, rank=0, world_size=2, seed=0)
-
-
-# --------------------------------------------------------------------------- curation
-
-def ot3(question, response, *, domain="math", roles=("from", "human", "gpt", "value"), **extra):
-    k, u, a, v = roles
-    row = {"conversations": [{k: u, v: question}, {k: a, v: response}], "source": "fixture", "difficulty": 3,
-           **extra}
-    if domain is not None:
-        row["domain"] = domain
-    return row
-
-
-def boxed(ans):
-    return f"<think>\nwork {ans}\n</think>\nSo \\boxed{{{ans}}}."
-
-
-CLEAN = ["4"] * 10 + ["4.0"] * 2 + ["5"] * 2 + [None] * 2  # majority 12/16 = 0.75 (4 == 4.0)
-
-
-def clean_response(i, ans):
-    return f"attempt {i}: " + (boxed(ans) if ans else "no box")
-
-
-def fixture_rows():
-    """Questions (16 rows each unless noted) and malformed lines; returns (rows, expectations)."""
-    rows = []
-    rows += [ot3("Clean: 2 + 2?", clean_response(i, a)) for i, a in enumerate(CLEAN)]
-    rows += [ot3("Tie?", boxed(str(1 + i % 2))) for i in range(16)]
-    rows += [ot3("No box?", f"I think it is {i}") for i in range(16)]
-    rows += [ot3("Low  agreement?", boxed(a)) for a in "aaaaaabbbbccc" + "ddd"]  # 6/16 < 0.5
-    rows += [ot3("Few?", boxed("7")) for _ in range(5)]
-    rows += [ot3("Roles: 3 + 3?", boxed("6") + f" v{i}", domain=None, roles=("role", "user", "assistant", "content"))
-             for i in range(16)]
-    rows += [ot3(f"Filler {q}?", boxed(str(q)) + f" #{i}") for q in range(20) for i in range(16)]
-    rows.append(ot3("Code?", boxed("1"), domain="code"))
-    rows.insert(30, b"{this is not json\n")
-    rows.insert(60, b'{"conversations": [{"from": "human", "value": "caf\xe9"}]}\n')  # latin-1 byte
-    rows.insert(90, ot3("Clean: 2 + 2?", "   "))
-    rows.insert(120, {"conversations": [{"from": "human", "value": "only a question"}], "domain": "math"})
-    return rows
-
-
-def curate(tmp_path, rows, name="raw.jsonl", **kw):
-    inp = write_jsonl(tmp_path / name, rows)
-    out = tmp_path / (name + ".out.jsonl")
-    report = data.curate([str(inp)], str(out), **kw)
-    return report, {r["question"]: r for r in read_records(out)}, out
-
-
-def test_curate_fixture(tmp_path):
-    rows = fixture_rows()
-    report, recs, out = curate(tmp_path, rows, group_size=8, min_agreement=0.5, seed=0)
-    assert report["rows_read"] == len(rows) == 16 * 25 + 5 + 1 + 4
-    assert report["rows_malformed"] == 4 and report["rows_not_math"] == 1 and report["rows_no_domain"] == 16
-    assert {r: e["count"] for r, e in report["malformed"].items()} == {
-        "bad_json": 1, "non_utf8": 1, "empty_response": 1, "missing_turns": 1}
-    assert report["malformed"]["bad_json"]["first"].endswith("raw.jsonl:31")
-    assert report["malformed"]["non_utf8"]["first"].endswith("raw.jsonl:61")
-    assert report["questions_read"] == 26 and report["questions_kept"] == 22
-    assert report["dropped"] == {"too_few_samples": 1, "no_boxed_answer": 1, "tie": 1, "low_agreement": 1}
-    assert set(recs) == {"Clean: 2 + 2?", "Roles: 3 + 3?"} | {f"Filler {q}?" for q in range(20)}
-    clean = recs["Clean: 2 + 2?"]
-    assert answers_equivalent(clean["gold"], "4") and clean["agreement"] == 0.75
-    assert len(clean["responses"]) == 8 == len(set(clean["responses"]))
-    assert set(clean["responses"]) <= {clean_response(i, a) for i, a in enumerate(CLEAN)}
-    expected = [float(answers_equivalent(extract_answer(r), "4")) for r in clean["responses"]]
-    assert clean["rewards"] == expected and clean["all_positive"] == all(expected)
-    assert clean["difficulty"] == 3 and clean["source"] == "fixture" and "dag" not in clean
-    roles = recs["Roles: 3 + 3?"]
-    assert roles["gold"] == "6" and roles["rewards"] == [1.0] * 8 and roles["all_positive"]
-    n_pos = sum(r["all_positive"] for r in recs.values())
-    assert report["all_positive_share"] == pytest.approx(n_pos / 22) and n_pos >= 21
-    hist = report["agreement_histogram"]
-    assert hist["[0.7,0.8)"] == 1 and hist["[0.3,0.4)"] == 1 and hist["[0.9,1.0]"] == 21 and sum(hist.values()) == 23
-    assert json.loads(open(f"{out}.report.json").read()) == json.loads(json.dumps(report))
-    # deterministic given seed and question, not file order (and a parquet copy reads the same)
-    shuffled = [r for r in rows if isinstance(r, dict)][::-1]
-    _, recs2, _ = curate(tmp_path, shuffled, name="rev.jsonl", group_size=8, min_agreement=0.5, seed=0)
-    assert recs2 == recs
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    good = [r for r in rows if isinstance(r, dict) and r.get("domain") == "math" and r["conversations"][-1]["from"] == "gpt"]
-    pq.write_table(pa.Table.from_pylist(good), tmp_path / "raw.parquet")
-    rep3 = data.curate([str(tmp_path / "raw.parquet")], str(tmp_path / "pq.jsonl"), group_size=8, seed=0)
-    assert rep3["questions_kept"] == 21 and rep3["rows_malformed"] == 1  # the whitespace-only response
-    assert {r["question"]: r for r in read_records(tmp_path / "pq.jsonl")}["Clean: 2 + 2?"] == clean
-    _, recs4, _ = curate(tmp_path, rows, name="s1.jsonl", group_size=8, seed=1)
-    assert recs4["Clean: 2 + 2?"]["responses"] != clean["responses"]  # another seed, another subset
-
-
-def test_curate_aborts_over_one_percent(tmp_path, capsys):
-    rows = [ot3(f"Q{q}?", boxed("1")) for q in range(6) for _ in range(16)] + [b"\xff{\n", b"[1, 2]\n"]
-    inp = write_jsonl(tmp_path / "bad.jsonl", rows)  # 2 / 98 > 1%
-    with pytest.raises(SystemExit) as e:
-        data.main(["curate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--workers", "1"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "2/98 lines malformed" in err and "non_utf8 x1 (first at" in err
-    assert "bad.jsonl:97" in err and "not_object x1" in err and "Traceback" not in err
-
-
-def test_curate_synthetic_majority_accuracy(tmp_path):
-    import random
-    rng = random.Random(0)
-    p1, p2 = synthetic.make_problem(rng, 2, 7), synthetic.make_problem(rng, 3, 7)
-    wrong1, wrong2 = str((p1.answer + 1) % 7), str((p2.answer + 1) % 7)
-    rows = [ot3(p1.question, boxed(a), dag=p1.to_dict()) for a in [str(p1.answer)] * 12 + [wrong1] * 4]
-    rows += [ot3(p2.question, boxed(a), dag=p2.to_dict()) for a in [str(p2.answer)] * 6 + [wrong2] * 10]
-    report, recs, _ = curate(tmp_path, rows, group_size=4, min_agreement=0.6, workers=2)
-    assert report["majority_accuracy"] == {"voted": 0.5, "kept": 0.5}
-    assert recs[p1.question]["dag"] == p1.to_dict() and recs[p2.question]["gold"] == wrong2
-    assert recs[p2.question]["agreement"] == 0.625
