@@ -1,34 +1,52 @@
 """The tiny lab's task: modular arithmetic over a random DAG, with traces, a simulated teacher,
-a process reward and a character-level tokenizer.
+a process reward and a character-level tokenizer.  `python synthetic.py` writes data/tiny/.
 
-Problem (difficulty k = number of operations). Variables v_1..v_k (distinct letters) with
+Problem (difficulty k = number of operations). Variables v_1..v_k with
     v_i = x_i op_i y_i  (mod m),  op_i in {+, -, *},
-v_1 reads two constants; v_i (i > 1) reads v_{i-1} and either a constant or a random earlier
-variable, so the target v_k depends on every node and exactly k steps are needed. The question
-lists the k assignments in shuffled order:  "Mod 7: c=d*4, a=3+5, d=a-2. Find c."
-
-Trace (the real teacher's layout, made compact because the tokenizer is character-level):
-    <think>
-    Define a=3+5=1.
-    Define d=a-2=1-2=6.          (operand values substituted, then the result)
-    Define c=d*4=6*4=3.
-    </think>
-    \\boxed{3}
+v_1 reads two constants; v_i (i > 1) reads v_{i-1} and either a constant or (prob 1/2, i >= 3) a
+random earlier variable, so the target v_k depends on every node and exactly k steps are needed.
+Names follow the dependency order (a, b, c, ...); the question lists the assignments shuffled:
+    "Mod 7: c=b*4, a=3+5, b=a-2. Find c."
+Trace (the real teacher's layout; compact because the tokenizer is character-level):
+    <think>\nDefine a=3+5=1.\nDefine b=a-2=1-2=6.\nDefine c=b*4=6*4=3.\n</think>\n\\boxed{3}
+(operand values are substituted before the result: one lookup, then one table fact per step).
 
 Simulated teacher (16 samples per question). Per question, draw u ~ U(0, 1) and a fixed wrong
 value w_j != true_j for every step j (a systematic misconception). The question's per-step error
-probability is q = min(1, 4 u^3 p_step_error(k)) (mean p_step_error(k)); each sample is either
-"systematic" (prob 1/2: its wrong steps write w_j) or "random" (wrong steps write a uniformly random
-wrong value). Later steps compute from the written (wrong) values, so errors propagate. The spread
-of q gives many all-positive groups (easy questions) and some questions where the shared wrong
-value beats the truth, so majority voting is sometimes wrong (the blog's Figure 2 situation).
+probability is q = min(1, 4 u^3 p_step_error(k)) (mean p_step_error(k) = 0.03 k); each sample is
+"systematic" (prob 1/2: its wrong steps write w_j) or "random" (a uniformly random wrong value).
+Later steps compute from the written values, so errors propagate. Default teacher set (k = 3, 4):
+all-positive (unanimous) groups 32% / 34%, majority label correct 97% / 89% (ties 2% / 4%),
+sample accuracy 78% / 75%.
 
 Process reward: every "Define v=...=value." step is re-checked against the true DAG value of v.
-    fraction = #{nodes with a correct step (first occurrence)} / max(k, #steps parsed)
+    fraction = #{nodes whose first step states the true value} / max(k, #steps parsed)
     strict   = fraction == 1   (all k nodes defined once, every one correct)
 
-CALIBRATED DEFAULTS (see the CLI and the calibration notes at the bottom of this docstring):
-filled in after measurement.
+Calibration (scratch SFT loop: tiny Qwen2 from scratch, AdamW lr 2e-3 betas (0.9, 0.95) wd 0.1,
+100 warmup steps, cosine to 0.1 lr, clip 1.0, 32 sequences/step, loss = mean over sequences of the
+token-mean over response tokens; greedy accuracy per k on 100 problems, chance = 1/7; "/" = strict):
+    setup (800 steps unless said)                         k=1   k=2   k=3       k=4       k=5, 6
+    mod 7, random names, mid k 1-2                       1.00  1.00  .15/0     .15/0     .11, .20
+    mod 5, random names, mid k 1-2                       1.00  1.00  .16/0     .17/0     .20, .23
+    mod 7, random names, mid k 1-6 (8,8,2,1,.5,.5)       1.00  .77   .22/.01   .21/0     .16, .24
+    mod 7, random names, mid k 1-6 (10,10,1,.5,.25,.25)  1.00  .80   .30/0     .16/0     .19, .29
+    same, pure chain (no skip edges)                     1.00  .91   .14/.05   .15/0     .11, .11
+    mod 7, ordered names, mid k 1-6 (8,8,2,1,.5,.5)      1.00  1.00  .60/.55   .19/.10   .15, .20
+    DEFAULTS: one pass over the written mid.jsonl, seed 0            .99/.99   .31/.20   .15/.05, .20/.01
+      + 128 steps SFT (lr 1e-3) on majority traces of teacher_raw    1.00/1.00 .52/.52   .12/.01, .19/0
+    defaults, mid k 1-4 (8,8,3,1)                                    .79/.78   .26/.22   .10/0, .20/0
+    defaults, 16 sequences/step                                      .16/.04   .16/.03   .15, .16
+    defaults, 500 steps, lr 3e-3                                     .12/.01   .29/.02   .18, .14
+    defaults, 600 steps, mid weights (4,6,4,2,1,1)                   .22/.08   .15/0     .17, .15
+Random names make "which assignment is next" the bottleneck (k >= 3 at chance); mid-training on
+k <= 2 only gives malformed traces beyond k = 2 (a length cliff, not an edge); fewer than ~800 x 32
+sequences never reach the k = 3 procedure, and where it lands varies between runs (k = 3: .60 with
+fresh samples vs .99 from the file, same settings), so teacher k = 3-4 spans the edge either way.
+Model: Qwen2Config(vocab_size=128, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True):
+1,067,648 parameters; chat sequences <= 159 tokens (k = 6). Speed, 2 threads, one otherwise idle 2-core machine: mid-training 800 steps 327 s
+(5.4k non-pad tokens/s: batches mix 49- and 159-token sequences), the 128-step SFT 43 s (9.9k/s).
 """
 
 from __future__ import annotations
@@ -94,12 +112,15 @@ class Problem:
 
     def to_dict(self) -> dict:
         return {"k": self.k, "modulus": self.modulus, "steps": [list(s) for s in self.steps],
-                "target": self.target, "order": list(self.order)}
+                "target": self.target, "order": list(self.order), "answer": self.answer}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Problem":
-        return cls(k=d["k"], modulus=d["modulus"], steps=[tuple(s) for s in d["steps"]],
-                   target=d["target"], order=list(d["order"]))
+        p = cls(k=d["k"], modulus=d["modulus"], steps=[tuple(s) for s in d["steps"]],
+                target=d["target"], order=list(d["order"]))
+        if p.answer != d["answer"]:
+            raise ValueError(f"dag's stored answer {d['answer']} disagrees with its steps ({p.answer})")
+        return p
 
 
 def evaluate(steps, modulus: int, overrides: dict | None = None) -> dict:
@@ -115,9 +136,14 @@ def evaluate(steps, modulus: int, overrides: dict | None = None) -> dict:
     return vals
 
 
-def make_problem(rng: random.Random, k: int, modulus: int) -> Problem:
-    assert k >= 1 and k <= len(VAR_NAMES)
-    names = rng.sample(VAR_NAMES, k)
+def make_problem(rng: random.Random, k: int, modulus: int, *, skip_prob: float = 0.5,
+                 ordered_names: bool = True) -> Problem:
+    """v_1 = c op c'; v_i = v_{i-1} op x (either operand order), x an earlier variable with
+    probability skip_prob (i >= 3) else a constant. ordered_names: v_i is the i-th letter (a, b,
+    c, ...), else k random distinct letters (then finding the next assignment in the shuffled
+    list is the bottleneck: measured at chance for k >= 3, see the calibration table)."""
+    assert 1 <= k <= len(VAR_NAMES)
+    names = list(VAR_NAMES[:k]) if ordered_names else rng.sample(VAR_NAMES, k)
     steps = []
     for i, var in enumerate(names):
         op = rng.choice(OPS)
@@ -125,7 +151,7 @@ def make_problem(rng: random.Random, k: int, modulus: int) -> Problem:
             a, b = rng.randrange(modulus), rng.randrange(modulus)
         else:
             # the chain edge v_{i-1} keeps every node an ancestor of the target
-            other = names[rng.randrange(i - 1)] if i >= 2 and rng.random() < 0.5 else rng.randrange(modulus)
+            other = names[rng.randrange(i - 1)] if i >= 2 and rng.random() < skip_prob else rng.randrange(modulus)
             a, b = (names[i - 1], other) if rng.random() < 0.5 else (other, names[i - 1])
         steps.append((var, op, a, b))
     order = list(range(k))
@@ -219,16 +245,27 @@ def process_reward(problem: Problem, response_text: str) -> tuple[float, bool]:
 
 # --- tokenizer --------------------------------------------------------------------------------
 
+def _byte_level(text: str) -> str:
+    """GPT-2/Qwen2 byte-level alphabet: printable bytes map to themselves, the others (space, newline, ...)
+    to the code points 256+ (' ' -> 'Ġ', '\\n' -> 'Ċ')."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in table)})
+    return "".join(table[b] for b in text.encode("utf-8"))
+
+
 def build_tokenizer(out_dir):
-    """Character-level HF tokenizer (tokenizers WordLevel over single characters) with ChatML
-    special tokens and a chat template; AutoTokenizer.from_pretrained(out_dir) loads it."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    """Character-level HF tokenizer with ChatML special tokens and a chat template. It is a byte-level BPE
+    without merges -- the format of Qwen2's own tokenizer -- because AutoTokenizer loads a directory whose
+    config.json says qwen2 as Qwen2Tokenizer, which rebuilds the byte-level pre-tokenizer: a plain
+    character vocabulary would then lose every space and newline (seen with transformers 5.23)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # concatenate characters, no spaces between tokens
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [_byte_level(c) for c in CHARS])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
     hf = PreTrainedTokenizerFast(
@@ -252,40 +289,59 @@ def _majority(answers: list[str]) -> tuple[str | None, float]:
     return max(counts, key=counts.get), ranked[0] / len(answers)
 
 
-def _unique_problems(rng, ks, n, modulus, seen: set) -> list[Problem]:
-    """n problems with k drawn uniformly from ks, questions not in `seen` (which is updated)."""
+def _problems(rng, ks, n, modulus, seen: set, weights=None, unique=True) -> list[Problem]:
+    """n problems whose k follow `weights` over `ks` (exact counts by largest remainder, uniform
+    when None), in random order, none of whose questions is in `seen`; unique=True also keeps
+    them distinct from each other and adds them to `seen` (k=1 has only 26*3*m*m questions, so
+    the large mid-training set may repeat easy questions, never an eval question)."""
+    weights = weights or [1.0] * len(ks)
+    quota = [n * w / sum(weights) for w in weights]
+    counts = [int(q) for q in quota]
+    for i in sorted(range(len(ks)), key=lambda i: counts[i] - quota[i])[: n - sum(counts)]:
+        counts[i] += 1
     out = []
-    while len(out) < n:
-        p = make_problem(rng, rng.choice(ks), modulus)
-        if p.question not in seen:
-            seen.add(p.question)
-            out.append(p)
+    for k, count in zip(ks, counts):
+        made = tries = 0
+        while made < count:
+            tries += 1
+            if tries > 100 * count + 10_000:
+                raise ValueError(f"cannot draw {count} distinct new problems with k={k}, modulus={modulus}")
+            p = make_problem(rng, k, modulus)
+            if p.question not in seen:
+                if unique:
+                    seen.add(p.question)
+                out.append(p)
+                made += 1
+    rng.shuffle(out)
     return out
 
 
-def write_data(out: Path, *, seed: int, modulus: int, mid_k, n_mid: int, teacher_k, n_teacher: int,
+def write_data(out: Path, *, seed: int, modulus: int, mid_k, mid_weights, n_mid: int, teacher_k, n_teacher: int,
                samples: int, eval_id_k, eval_ood_k, n_eval: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out / "tokenizer")
     rng = random.Random(seed)
     seen: set = set()
-    # eval sets first so training data never repeats an eval question
-    evals = {name: _unique_problems(rng, ks, n_eval, modulus, seen)
+    # eval, then teacher questions (unique), then mid-training ones: no training question is an eval
+    # question and no mid-training question is a teacher question
+    evals = {name: _problems(rng, ks, n_eval, modulus, seen)
              for name, ks in (("eval_id", eval_id_k), ("eval_ood", eval_ood_k))}
     for name, probs in evals.items():
         with open(out / f"{name}.jsonl", "w") as f:
             for i, p in enumerate(probs):
                 f.write(json.dumps({"id": f"{name}-{i}", "problem": p.question, "answer": str(p.answer),
                                     "dag": p.to_dict(), "k": p.k}) + "\n")
+    teacher = _problems(rng, teacher_k, n_teacher, modulus, seen)
+    mid = _problems(rng, mid_k, n_mid, modulus, seen, mid_weights, unique=False)
     with open(out / "mid.jsonl", "w") as f:
-        for i, p in enumerate(_unique_problems(rng, mid_k, n_mid, modulus, seen)):
+        for i, p in enumerate(mid):
             f.write(json.dumps({"id": f"mid-{i}", "question": p.question, "responses": [correct_trace(p)],
                                 "rewards": [1.0], "gold": str(p.answer), "agreement": 1.0,
                                 "all_positive": True, "difficulty": p.k, "source": SOURCE,
                                 "dag": p.to_dict()}) + "\n")
     stats = {"questions": 0, "all_positive": 0, "majority_correct": 0, "sample_correct": 0}
     with open(out / "teacher_raw.jsonl", "w") as f:
-        for p in _unique_problems(rng, teacher_k, n_teacher, modulus, seen):
+        for p in teacher:
             traces = teacher_traces(p, rng, samples, p_step_error(p.k))
             answers = [t.rsplit("\\boxed{", 1)[1].rstrip("}") for t in traces]
             gold, _ = _majority(answers)
@@ -315,8 +371,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="data/tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modulus", type=int, default=7)
-    ap.add_argument("--mid-k", default="1-2", help='k of the mid-training problems, e.g. "1-2" or "1,2"')
-    ap.add_argument("--n-mid", type=int, default=20000)
+    ap.add_argument("--mid-k", default="1-6", help='k of the mid-training problems, e.g. "1-6" or "1,2"')
+    ap.add_argument("--mid-weights", default="8,8,2,1,0.5,0.5", help="relative share of each mid k")
+    ap.add_argument("--n-mid", type=int, default=25600, help="= 800 steps x 32 sequences, one epoch")
     ap.add_argument("--teacher-k", default="3-4")
     ap.add_argument("--n-teacher", type=int, default=512, help="teacher questions (x --samples rows)")
     ap.add_argument("--samples", type=int, default=16, help="teacher samples per question")
@@ -324,7 +381,10 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-ood-k", default="5-6", help="out-of-distribution (harder) eval k")
     ap.add_argument("--n-eval", type=int, default=200)
     a = ap.parse_args(argv)
-    stats = write_data(Path(a.out), seed=a.seed, modulus=a.modulus, mid_k=_ks(a.mid_k), n_mid=a.n_mid,
+    if len(_ks(a.mid_k)) != len(a.mid_weights.split(",")):
+        ap.error("--mid-weights needs one weight per --mid-k value")
+    stats = write_data(Path(a.out), seed=a.seed, modulus=a.modulus, mid_k=_ks(a.mid_k),
+                       mid_weights=[float(w) for w in a.mid_weights.split(",")], n_mid=a.n_mid,
                        teacher_k=_ks(a.teacher_k), n_teacher=a.n_teacher, samples=a.samples,
                        eval_id_k=_ks(a.eval_id_k), eval_ood_k=_ks(a.eval_ood_k), n_eval=a.n_eval)
     print(json.dumps({"out": a.out, **stats}))

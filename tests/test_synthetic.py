@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import random
 import re
 import subprocess
@@ -38,11 +39,11 @@ def reference_value(problem, overrides=None):
 
 
 def test_correct_trace_answer_matches_dag():
-    for seed in range(300):
+    for seed in range(100):
         rng = random.Random(seed)
         for k in range(1, 9):
-            for modulus in (5, 7, 23):
-                p = syn.make_problem(rng, k, modulus)
+            for modulus, ordered in ((5, True), (7, False), (23, True)):
+                p = syn.make_problem(rng, k, modulus, ordered_names=ordered)
                 assert p.k == k == len(p.steps)
                 assert int(boxed(syn.correct_trace(p))) == p.answer == reference_value(p)
                 # with no error probability the teacher writes the correct trace
@@ -127,12 +128,18 @@ def _tree_digest(root):
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    outs = []
-    for name in ("a", "b"):
+    """`python synthetic.py` twice, in parallel, under different string-hash seeds."""
+    outs, procs = [], []
+    for name, hash_seed in (("a", "1"), ("b", "2")):
         out = tmp_path_factory.mktemp(name)
-        subprocess.run([sys.executable, str(REPO / "synthetic.py"), "--out", str(out), "--n-mid", "50",
-                        "--n-teacher", "10", "--n-eval", "20"], check=True, cwd=out, capture_output=True)
+        args = [sys.executable, str(REPO / "synthetic.py"), "--out", str(out), "--n-mid", "60",
+                "--mid-k", "1-3", "--mid-weights", "3,2,1", "--n-teacher", "10", "--n-eval", "20"]
+        procs.append(subprocess.Popen(args, cwd=out, env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         outs.append(out)
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
     return outs
 
 
@@ -142,7 +149,8 @@ def test_cli_deterministic_and_schemas(small_data):
     assert {f.name for f in a.iterdir()} >= {"tokenizer", "mid.jsonl", "teacher_raw.jsonl",
                                               "eval_id.jsonl", "eval_ood.jsonl"}
     mid = [json.loads(line) for line in open(a / "mid.jsonl")]
-    assert len(mid) == 50
+    assert len(mid) == 60
+    assert sorted(r["difficulty"] for r in mid) == [1] * 30 + [2] * 20 + [3] * 10  # exact --mid-weights shares
     for r in mid:
         assert set(r) == {"id", "question", "responses", "rewards", "gold", "agreement", "all_positive",
                           "difficulty", "source", "dag"}
@@ -164,9 +172,10 @@ def test_cli_deterministic_and_schemas(small_data):
             assert set(r) == {"id", "problem", "answer", "dag", "k"}
             p = syn.Problem.from_dict(r["dag"])
             assert r["problem"] == p.question and r["answer"] == str(p.answer) and r["k"] == p.k
-    # eval questions never appear in training data
-    train_q = {r["question"] for r in mid} | {r["conversations"][0]["value"] for r in rows}
-    assert not train_q & {json.loads(line)["problem"] for line in open(a / "eval_id.jsonl")}
+    # eval questions never appear in training data; mid-training never sees a teacher question
+    mid_q, teacher_q = {r["question"] for r in mid}, {r["conversations"][0]["value"] for r in rows}
+    eval_q = {json.loads(line)["problem"] for n in ("eval_id", "eval_ood") for line in open(a / f"{n}.jsonl")}
+    assert not (mid_q | teacher_q) & eval_q and not mid_q & teacher_q
 
 
 def test_tokenizer(small_data):
