@@ -14,8 +14,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-runs=runs/tiny
-rm -rf "$runs"  # a fresh lab each time: train.resume=auto would otherwise continue old runs
+runs=runs/tiny  # re-running continues where it stopped (train.resume=auto, resumable eval); rm -rf runs/tiny for a fresh lab
 start=$(date +%s)
 torchrun=(python -m torch.distributed.run --standalone --nproc_per_node=2)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
