@@ -204,12 +204,12 @@ def test_tokenizer_survives_being_saved_next_to_a_qwen2_model(tmp_path):
     """AutoTokenizer loads a directory with a qwen2 config.json as Qwen2Tokenizer, which rebuilds the byte-level
     pre-tokenizer; the exported tiny models must still tokenise exactly as in training (spaces, newlines)."""
     from transformers import AutoTokenizer, Qwen2Config
-    plain = synthetic.build_tokenizer(tmp_path)
-    Qwen2Config(vocab_size=synthetic.VOCAB_SIZE, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+    plain = syn.build_tokenizer(tmp_path)
+    Qwen2Config(vocab_size=syn.VOCAB_SIZE, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                 num_attention_heads=2).save_pretrained(tmp_path)
     as_model = AutoTokenizer.from_pretrained(tmp_path)
-    p = synthetic.make_problem(random.Random(0), 3, 7)
-    chat = [{"role": "user", "content": p.question}, {"role": "assistant", "content": synthetic.correct_trace(p)}]
+    p = syn.make_problem(random.Random(0), 3, 7)
+    chat = [{"role": "user", "content": p.question}, {"role": "assistant", "content": syn.correct_trace(p)}]
     text = plain.apply_chat_template(chat, tokenize=False)
     assert as_model(text, add_special_tokens=False)["input_ids"] == plain(text, add_special_tokens=False)["input_ids"]
     assert as_model.decode(as_model(text, add_special_tokens=False)["input_ids"]) == text
