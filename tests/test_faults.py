@@ -221,11 +221,12 @@ def test_bad_config_is_refused_in_one_line(tmp_path, text, override, message):
 
 def test_bad_curated_lines_are_counted_then_refused_above_one_percent(lab, tmp_path):
     recs = [json.loads(line) for line in open(lab["data"] / "teacher.jsonl")]
-    good = [{**r, "id": f"{r['id']}-{i}"} for i in range(10) for r in recs]  # 120 questions
+    good = [{**r, "id": f"{r['id']}-{i}"} for i in range(10) for r in recs]  # > 100 questions
     short = {**recs[0], "id": "short", "responses": recs[0]["responses"][:2], "rewards": recs[0]["rewards"][:2]}
     lines = [(json.dumps(r) + "\n").encode() for r in good + [short]]
     torn = b'{"id": "torn", "question": "Mod 7: a=1+2. Find a.", "responses": ["<think>\n'  # a line cut short
-    one_bad = lines[:60] + [torn] + lines[60:]  # 1 of 122 lines malformed
+    one_bad = lines[:60] + [torn] + lines[60:]  # 1 of len(good) + 2 lines malformed (< 1%)
+    assert len(good) >= 100
     path = tmp_path / "one_bad.jsonl"
     path.write_bytes(b"".join(one_bad))
     cfg = {**config(lab, max_steps=1), "data": {**config(lab)["data"], "train_path": str(path)},
@@ -233,15 +234,16 @@ def test_bad_curated_lines_are_counted_then_refused_above_one_percent(lab, tmp_p
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump(cfg))
     proc = run_plain(tmp_path / "ok.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (f"read_records: skipped 1/122 malformed lines: {{'bad_json': {{'count': 1, 'first': '{path}:61'}}}}"
+    assert (f"read_records: skipped 1/{len(one_bad)} malformed lines: {{'bad_json': {{'count': 1, 'first': '{path}:61'}}}}"
             in proc.stdout)
-    assert "data: 120 questions x 4 responses" in proc.stdout and "'questions_dropped_too_few_fit': 1" in proc.stdout
+    assert f"data: {len(good)} questions x 4 responses" in proc.stdout and "'questions_dropped_too_few_fit': 1" in proc.stdout
     assert len(metrics(tmp_path / "ok")) == 1 and math.isfinite(metrics(tmp_path / "ok")[0]["loss"])
 
     empty = {**recs[1], "id": "empty", "responses": [""] + recs[1]["responses"][1:]}
     no_turns = {k: v for k, v in recs[2].items() if k != "responses"}
     more_bad = one_bad + [b"\xff\xfe not utf-8\n", (json.dumps(empty) + "\n").encode(),
-                          (json.dumps(no_turns) + "\n").encode()]  # 4 of 125 lines malformed: > 1%
+                          (json.dumps(no_turns) + "\n").encode()]  # 4 malformed lines: > 1%
+    n = len(more_bad)
     path = tmp_path / "more_bad.jsonl"
     path.write_bytes(b"".join(more_bad))
     cfg = {**cfg, "data": {**cfg["data"], "train_path": str(path)}, "output_dir": str(tmp_path / "bad")}
@@ -249,9 +251,9 @@ def test_bad_curated_lines_are_counted_then_refused_above_one_percent(lab, tmp_p
     proc = run_plain(tmp_path / "bad.yaml")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"data error: read_records({path}): 4/125 lines malformed (> 1%): bad_json x1 (first at {path}:61), "
-        f"bad_responses x1 (first at {path}:124), missing_responses x1 (first at {path}:125), "
-        f"non_utf8 x1 (first at {path}:123)")
+        f"data error: read_records({path}): 4/{n} lines malformed (> 1%): bad_json x1 (first at {path}:61), "
+        f"bad_responses x1 (first at {path}:{n - 1}), missing_responses x1 (first at {path}:{n}), "
+        f"non_utf8 x1 (first at {path}:{n - 2})")
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
