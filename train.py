@@ -209,7 +209,7 @@ def validate(cfg: Config) -> None:
     need(cfg.loss.ref_logprobs in ("live", "cached"), f"loss.ref_logprobs must be live or cached, got {cfg.loss.ref_logprobs!r}")
     need(not (cfg.loss.name == "onpolicy" and cfg.loss.ref_logprobs == "cached" and cfg.loss.kl_coef > 0),
          "loss.ref_logprobs=cached needs fixed responses; onpolicy samples new ones -- use live")
-    need(cfg.model.logprob_backend in ("auto", "triton", "torch"), f"model.logprob_backend must be auto, triton or torch")
+    need(cfg.model.logprob_backend in ("auto", "triton", "torch"), "model.logprob_backend must be auto, triton or torch")
     need(cfg.model.param_dtype in ("bfloat16", "float32"), "model.param_dtype must be bfloat16 or float32")
     need(cfg.train.resume in ("auto", "none"), f"train.resume must be auto or none, got {cfg.train.resume!r}")
     need((cfg.model.path is None) != (cfg.model.init_config is None), "set exactly one of model.path and model.init_config")
@@ -267,7 +267,6 @@ def main(argv: list[str]) -> None:
 
 def run(cfg: Config) -> None:
     # Heavy imports after config validation, so a bad config fails in a fraction of a second.
-    import numpy as np
     import torch
     import torch.distributed as dist
     from tqdm import tqdm

@@ -94,6 +94,7 @@ def test_every_config_loads():
     assert len(paths) >= 10
     for p in paths:
         cfg = train.load_config(p, [], check_paths=False)
+        assert cfg.output_dir and cfg.loss.name in ("sft", "offgrpo", "onpolicy")
         with open(p) as f:
             assert f.readline().startswith("#")  # a header ...
             assert "train.py " + os.path.relpath(p, ROOT) in f.read()  # ... with the exact launch command
