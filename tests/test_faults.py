@@ -23,7 +23,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tests.test_train import ENV, TINY_MODEL, assert_same_weights, metrics, weights  # noqa: E402
+from tests.test_train import ENV, TINY_MODEL, assert_same_weights, make_lab_data, metrics, weights  # noqa: E402
 
 STEPS = 8
 # A fresh rendezvous store per torchrun attempt: restarts hang without it (model_utils.setup_distributed).
@@ -34,13 +34,7 @@ RESTART_ENV = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 def lab(tmp_path_factory):
     """Synthetic data (curated teacher groups) and the uninterrupted reference run (2 ranks, STEPS steps)."""
     root = tmp_path_factory.mktemp("faults")
-    data_dir = root / "data"
-    subprocess.run([sys.executable, "synthetic.py", "--out", str(data_dir), "--n-mid", "64", "--n-teacher", "12",
-                    "--n-eval", "4"], cwd=ROOT, check=True, env=ENV, capture_output=True)
-    subprocess.run([sys.executable, "data.py", "curate", "--input", str(data_dir / "teacher_raw.jsonl"),
-                    "--output", str(data_dir / "teacher.jsonl"), "--min-agreement", "0.0"],
-                   cwd=ROOT, check=True, env=ENV, capture_output=True)
-    lab = {"root": root, "data": data_dir}
+    lab = {"root": root, "data": make_lab_data(root)}
     rc, log = finish(start(root / "reference", config(lab)))
     assert rc == 0, log
     lab["reference"] = root / "reference"

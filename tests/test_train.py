@@ -19,16 +19,22 @@ TINY_MODEL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidd
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """Synthetic data (mid + curated teacher) and a tiny base model exported by a 1-step SFT run."""
-    root = tmp_path_factory.mktemp("lab")
+def make_lab_data(root):
+    """Tiny synthetic data under root/data: mid.jsonl, teacher_raw.jsonl curated to teacher.jsonl, tokenizer/."""
     data_dir = root / "data"
     subprocess.run([sys.executable, "synthetic.py", "--out", str(data_dir), "--n-mid", "64", "--n-teacher", "12",
                     "--n-eval", "4"], cwd=ROOT, check=True, env=ENV, capture_output=True)
     subprocess.run([sys.executable, "data.py", "curate", "--input", str(data_dir / "teacher_raw.jsonl"),
                     "--output", str(data_dir / "teacher.jsonl"), "--min-agreement", "0.0"],
                    cwd=ROOT, check=True, env=ENV, capture_output=True)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """Synthetic data (mid + curated teacher) and a tiny base model exported by a 1-step SFT run."""
+    root = tmp_path_factory.mktemp("lab")
+    data_dir = make_lab_data(root)
     base = run_train(root / "base", base_config(root, data_dir, max_steps=1), nproc=1)
     return {"root": root, "data": data_dir, "base": str(base / "hf" / "final")}
 
