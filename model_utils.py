@@ -256,7 +256,9 @@ def _trim_response(ids: list[int], eos_id: int) -> list[int]:
 def generate(model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
              top_p: float, seed: int) -> list[list[int]]:
     """Sample responses for a left-padded batch of prompts (greedy when temperature == 0). All ranks must
-    call it together (synced_gpus keeps ranks with shorter generations stepping). `seed` seeds this call
+    call it together: the first forward all-gathers every layer once and decoding then runs on the full
+    parameters without any collective (reshard_after_forward is switched off for the call -- the FSDP2
+    eval recipe; one unsharded model copy per rank), so ranks stop independently. `seed` seeds this call
     only (global RNG untouched); fold rank/step into it for distinct streams."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -270,12 +272,21 @@ def generate(model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: 
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
     was_training = model.training
     model.eval()
+    model.set_reshard_after_forward(False)  # keep every layer gathered after its first forward
+    for module in model.modules():  # gather all layers now, on every rank, before any rank can stop early
+        if isinstance(module, FSDPModule):
+            module.unshard()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
-                             synced_gpus=tdist.get_world_size() > 1)  # [B, width + new]
+                             synced_gpus=False)  # [B, width + new]
     model.train(was_training)
-    model.reshard()
+    model.set_reshard_after_forward(True)
+    if any(p.requires_grad for p in model.parameters()):
+        model.set_reshard_after_forward(False, recurse=False)  # a training root keeps them for backward
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     return [_trim_response(row.tolist(), tokenizer.eos_token_id) for row in out[:, width:]]
 
 

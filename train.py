@@ -433,7 +433,8 @@ def run(cfg: Config) -> None:
         dist.all_reduce(seq_count)
         num_seqs = max(seq_count.item(), 1.0)
         # The rank's groups as rows [B_rank, T]; advantages need whole groups, so they are computed here,
-        # before the rows are split into micro-batches of `micro_batch_size` sequences.
+        # before the rows are split into micro-batches of `micro_batch_size` sequences. Micro-batches take
+        # the rows in length order (less padding; the loss is a sum over rows, so any split is the same).
         full = data.collate(items, tokenizer.pad_token_id)
         rewards_all = full["rewards"].to(d.device)                                # [B_rank]
         if name == "sft":
@@ -443,17 +444,19 @@ def run(cfg: Config) -> None:
                                          all_positive_bias=lc.all_positive_bias)  # [B_rank]
         row_q = [qi for qi in qidx for _ in range(G)]                              # question of each row
         stats = torch.zeros(6, dtype=torch.float64)                # summed over micro-batches, then ranks
+        lengths = full["attention_mask"].sum(1)                                    # [B_rank]
+        by_length = torch.argsort(lengths, stable=True)                            # [B_rank]
         for lo in range(0, len(row_q), cfg.train.micro_batch_size):
-            hi = min(lo + cfg.train.micro_batch_size, len(row_q))
-            width = int(full["attention_mask"][lo:hi].sum(1).max())               # trim shared padding
-            batch = {k: full[k][lo:hi, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
+            rows = by_length[lo:lo + cfg.train.micro_batch_size]                   # [b]
+            width = int(lengths[rows].max())                                       # trim shared padding
+            batch = {k: full[k][rows, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
             mask = batch["loss_mask"][:, 1:].to(d.device)                          # [b, t]
-            rewards, adv = rewards_all[lo:hi], adv_all[lo:hi]                       # [b]
+            rewards, adv = rewards_all[rows], adv_all[rows]                         # [b]
             logp, entropy = logprobs(model, batch, entropy=True)                    # [b, t] each
             ref_logp = None
             if use_ref and ref_cache is not None:
                 ref_logp = torch.zeros_like(logp)                                   # [b, t]
-                for j, row in enumerate(range(lo, hi)):
+                for j, row in enumerate(rows.tolist()):
                     cached = ref_cache(row_q[row])[row % G]                         # [T_q - 1]
                     n = min(cached.shape[0], logp.shape[1])
                     ref_logp[j, :n] = cached[:n].to(d.device)

@@ -97,8 +97,9 @@ def check_logprobs(d: mu.Dist, tmp: str):
             close(grads[n].full_tensor(), p.grad, f"grad {n} tie={tie}")
             assert p.grad.abs().sum() > 0, n
 
-    # generate (with the tied model of the last iteration): greedy equals the unsharded
-    # model's greedy continuation; ranks get prompts of different lengths (synced_gpus keeps them in step)
+    # generate (with the tied model of the last iteration): greedy equals the unsharded model's greedy
+    # continuation; ranks get prompts of different lengths and budgets, so one rank stops decoding first
+    # (no collective may run after the gather at the start)
     class Tok:  # generate only needs these two ids
         eos_token_id, pad_token_id = 2, 0
     prompts = [[5, 6, 7, 8, 9][: 3 + d.rank], [10, 11]]

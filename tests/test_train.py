@@ -2,6 +2,7 @@
 exact resume, HF export, cached vs live reference log-probs, config errors. Tiny model, tiny data."""
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -184,6 +185,25 @@ def test_resume_gives_the_losses_of_the_uninterrupted_run(lab):
     assert [m["step"] for m in metrics(part)] == [1, 2, 3, 4, 5]
     assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]  # exact
     assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
+
+
+def test_onpolicy_rollouts_train_and_resume_exactly(lab):
+    """On-policy: each rank samples its groups (collective-free decoding after one gather), scores them and
+    trains; the rollout seeds follow the step, so a resumed run repeats the uninterrupted one exactly."""
+    cfg = grpo_config(lab, "x", max_steps=3, save_every=1)
+    cfg["loss"] = {"name": "onpolicy", "kl_coef": 0.1, "ref_logprobs": "live", "entropy_coef": 0.01}
+    cfg["rollout"] = {"temperature": 1.0, "max_new_tokens": 12}
+    full = run_train(lab["root"] / "onpolicy_full", cfg, nproc=2)
+    part = lab["root"] / "onpolicy_part"
+    run_train(part, cfg, nproc=2, extra=["train.stop_after=2"])
+    run_train(part, cfg, nproc=2, extra=["train.resume=auto"])
+    mf = metrics(full)
+    assert [m["step"] for m in mf] == [1, 2, 3]
+    assert all(0.0 <= m["data/reward_mean"] <= 1.0 and math.isfinite(m["loss"]) for m in mf)
+    assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in mf]  # exact
+    assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
+    with pytest.raises(AssertionError):  # the entropy bonus moved the policy away from the base
+        assert_same_weights(full / "hf" / "final", lab["base"], atol=1e-6)
 
 
 def test_cached_reference_logprobs_equal_the_live_reference(lab):
