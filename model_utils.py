@@ -127,10 +127,12 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param_dtype: torch.dtype,
                 reduce_dtype: torch.dtype, activation_checkpointing: bool, trust_remote_code: bool = False,
-                seed: int = 0, requires_grad: bool = True):
+                seed: int = 0, requires_grad: bool = True, reshard_after_forward: bool = True):
     """FSDP2-sharded HF causal LM from `path` (HF dir with config.json + safetensors) or, for the tiny lab,
     from Qwen2Config(**init_config) with the HF init under torch.manual_seed(seed). Exactly one is given.
-    requires_grad=False gives the frozen reference model (eval mode, root resharded after every forward)."""
+    requires_grad=False gives the frozen reference model (eval mode, root resharded after every forward).
+    reshard_after_forward=False keeps each layer's gathered parameters from its forward to its backward
+    (one all-gather per layer per micro-batch instead of two; costs one full model copy per rank)."""
     if (path is None) == (init_config is None):
         raise ValueError("build_model: give exactly one of path and init_config")
     if path is not None:
@@ -163,11 +165,12 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # Tied embed_tokens/lm_head are one Parameter owned by the root group, so they stay shared.
     # The root of a model without backward reshards after forward; the training root keeps its
     # parameters for the backward that follows (FSDP's default for roots).
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True if not requires_grad else None)
+    model.layer_reshard_after_forward = reshard_after_forward  # (generate switches it off and back)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum, not average, over ranks: the loss is already divided by the global sequence count.
@@ -281,7 +284,7 @@ def generate(model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: 
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
                              synced_gpus=False)  # [B, width + new]
     model.train(was_training)
-    model.set_reshard_after_forward(True)
+    model.set_reshard_after_forward(model.layer_reshard_after_forward)  # back to build_model's settings
     if any(p.requires_grad for p in model.parameters()):
         model.set_reshard_after_forward(False, recurse=False)  # a training root keeps them for backward
     for module in model.modules():

@@ -6,43 +6,42 @@ Problem (difficulty k = number of operations). Variables v_1..v_k with
 v_1 reads two constants; v_i (i > 1) reads v_{i-1} and either a constant or (prob 1/2, i >= 3) a
 random earlier variable, so the target v_k depends on every node and exactly k steps are needed.
 Names follow the dependency order (a, b, c, ...); the question lists the assignments shuffled:
-    "Mod 7: c=b*4, a=3+5, b=a-2. Find c."
+    "Mod 5: c=b*4, a=3+4, b=a+2. Find c."
 Trace (the real teacher's layout; compact because the tokenizer is character-level):
-    <think>\nDefine a=3+5=1.\nDefine b=a-2=1-2=6.\nDefine c=b*4=6*4=3.\n</think>\n\\boxed{3}
+    <think>\nDefine a=3+4=2.\nDefine b=a+2=2+2=4.\nDefine c=b*4=4*4=1.\n</think>\n\\boxed{1}
 (operand values are substituted before the result: one lookup, then one table fact per step).
 
 Simulated teacher (16 samples per question). Per question, draw u ~ U(0, 1) and a fixed wrong
 value w_j != true_j for every step j (a systematic misconception). The question's per-step error
 probability is q = min(1, 4 u^3 p_step_error(k)) (mean p_step_error(k) = 0.03 k); each sample is
 "systematic" (prob 1/2: its wrong steps write w_j) or "random" (a uniformly random wrong value).
-Later steps compute from the written values, so errors propagate. Default teacher set (k = 3, 4):
-all-positive (unanimous) groups 32% / 34%, majority label correct 97% / 89% (ties 2% / 4%),
-sample accuracy 78% / 75%.
+Later steps compute from the written values, so errors propagate. Default teacher set (512
+questions, k = 3, mod 5): all-positive (unanimous) groups 36%, majority label correct 97%, sample
+accuracy 81%; after curation (min agreement 0.5) 453 kept, 50% all-positive, majority correct 100%.
 
 Process reward: every "Define v=...=value." step is re-checked against the true DAG value of v.
     fraction = #{nodes whose first step states the true value} / max(k, #steps parsed)
     strict   = fraction == 1   (all k nodes defined once, every one correct)
 
 Calibration (scratch SFT loop: tiny Qwen2 from scratch, AdamW lr 2e-3 betas (0.9, 0.95) wd 0.1,
-100 warmup steps, cosine to 0.1 lr, clip 1.0, 32 sequences/step, loss = mean over sequences of the
-token-mean over response tokens; greedy accuracy per k on 100 problems, chance = 1/7; "/" = strict):
-    setup (800 steps unless said)                         k=1   k=2   k=3       k=4       k=5, 6
-    mod 7, random names, mid k 1-2                       1.00  1.00  .15/0     .15/0     .11, .20
-    mod 5, random names, mid k 1-2                       1.00  1.00  .16/0     .17/0     .20, .23
-    mod 7, random names, mid k 1-6 (8,8,2,1,.5,.5)       1.00  .77   .22/.01   .21/0     .16, .24
-    mod 7, random names, mid k 1-6 (10,10,1,.5,.25,.25)  1.00  .80   .30/0     .16/0     .19, .29
-    same, pure chain (no skip edges)                     1.00  .91   .14/.05   .15/0     .11, .11
-    mod 7, ordered names, mid k 1-6 (8,8,2,1,.5,.5)      1.00  1.00  .60/.55   .19/.10   .15, .20
-    DEFAULTS: one pass over the written mid.jsonl, seed 0            .99/.99   .31/.20   .15/.05, .20/.01
-      + 128 steps SFT (lr 1e-3) on majority traces of teacher_raw    1.00/1.00 .52/.52   .12/.01, .19/0
-    defaults, mid k 1-4 (8,8,3,1)                                    .79/.78   .26/.22   .10/0, .20/0
-    defaults, 16 sequences/step                                      .16/.04   .16/.03   .15, .16
-    defaults, 500 steps, lr 3e-3                                     .12/.01   .29/.02   .18, .14
-    defaults, 600 steps, mid weights (4,6,4,2,1,1)                   .22/.08   .15/0     .17, .15
-Random names make "which assignment is next" the bottleneck (k >= 3 at chance); mid-training on
-k <= 2 only gives malformed traces beyond k = 2 (a length cliff, not an edge); fewer than ~800 x 32
-sequences never reach the k = 3 procedure, and where it lands varies between runs (k = 3: .60 with
-fresh samples vs .99 from the file, same settings), so teacher k = 3-4 spans the edge either way.
+100 warmup steps, cosine to 0.1 lr, clip 1.0, 32 fresh sequences/step, loss = mean over sequences of
+the token-mean over response tokens; greedy accuracy per k on 100 problems; "/" = strict; "fact" /
+"copy" = teacher-forced argmax accuracy on result digits / on operands copied from the question):
+    setup (800 steps, mid k 1-6 weights 8,8,2,1,.5,.5 unless said)   k=1   k=2   k=3      k=4      k=5, 6
+    mod 7, random names                                              1.00  .77   .22/.01  .21/0    .16, .24
+    mod 7, ordered names, three runs                                 .99-1 1.00  .26-.99  .18-.31  .15-.20
+    mod 7, ordered, 600 of 1200 steps (fact .50 at 300 steps)       .82   .64   .30/.24  .22/.09  .17, .09
+    mod 7, ordered, 500 steps, lr 3e-3 / 5e-3                       loss and accuracy worse than 2e-3
+    mod 5, ordered, seed 0 (at 400 steps: fact .96, copy .84)       1.00  1.00  .61/.60  .26/.14  .24, .34
+    mod 5, ordered, seed 1                                          1.00  1.00  .57/.52  .29/.14  .20, .29
+    mod 5, pure chain (no skip edges)                               1.00  1.00  .57/.53  .27/.13  .21, .23
+    mod 5, question listed in dependency order                      1.00  1.00  .35/.27  .25/.13  .32, .35
+    mod 5, mid weights 2,4,4,4,3,3 / 4,4,3,3,2,2, 600 steps         1.00  .49   .31/.17  .24/.08  .20, .33
+Mod 7's 147 table facts are learned slowly and the k = 3 step appears at a run-dependent step (k = 3
+from .26 to .99 over three runs); mod 5's 75 facts are learned by ~400 steps, after which copying the
+right assignment out of a longer question is what fails, and the result is the same across seeds:
+k <= 2 solved, k = 3 at the edge (~.6), k = 4 partly (~.27, strict ~.14), k >= 5 near chance (.2).
+Hence the defaults: mod 5, teacher and in-distribution eval k = 3, harder eval k = 4.
 Model: Qwen2Config(vocab_size=128, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True):
 1,067,648 parameters; chat sequences <= 159 tokens (k = 6). Speed, 2 threads, one otherwise idle 2-core machine: mid-training 800 steps 327 s
@@ -370,15 +369,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="data/tiny")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--modulus", type=int, default=7)
+    ap.add_argument("--modulus", type=int, default=5)
     ap.add_argument("--mid-k", default="1-6", help='k of the mid-training problems, e.g. "1-6" or "1,2"')
     ap.add_argument("--mid-weights", default="8,8,2,1,0.5,0.5", help="relative share of each mid k")
     ap.add_argument("--n-mid", type=int, default=25600, help="= 800 steps x 32 sequences, one epoch")
-    ap.add_argument("--teacher-k", default="3-4")
+    ap.add_argument("--teacher-k", default="3")
     ap.add_argument("--n-teacher", type=int, default=512, help="teacher questions (x --samples rows)")
     ap.add_argument("--samples", type=int, default=16, help="teacher samples per question")
-    ap.add_argument("--eval-id-k", default="3-4", help="in-distribution eval k (the teacher's)")
-    ap.add_argument("--eval-ood-k", default="5-6", help="out-of-distribution (harder) eval k")
+    ap.add_argument("--eval-id-k", default="3", help="in-distribution eval k (the teacher's)")
+    ap.add_argument("--eval-ood-k", default="4", help="out-of-distribution (harder) eval k")
     ap.add_argument("--n-eval", type=int, default=200)
     a = ap.parse_args(argv)
     if len(_ks(a.mid_k)) != len(a.mid_weights.split(",")):

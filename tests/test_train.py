@@ -158,10 +158,14 @@ def test_base_sft_same_losses_on_1_and_2_ranks(lab):
     cfg = base_config(lab["root"], lab["data"], max_steps=3)
     one = run_train(lab["root"] / "sft1", cfg, nproc=1)
     two = run_train(lab["root"] / "sft2", cfg, nproc=2)
+    kept = run_train(lab["root"] / "sft2_kept", cfg, nproc=2, extra=["model.reshard_after_forward=false"])
     l1, l2 = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
     assert len(l1) == 3 and l1[0] > 0
     assert l1 == pytest.approx(l2, rel=1e-5)
     assert_same_weights(one / "hf" / "final", two / "hf" / "final", atol=1e-5)
+    # layers kept gathered from forward to backward: the same computation, fewer all-gathers
+    assert [m["loss"] for m in metrics(kept)] == l2
+    assert_same_weights(two / "hf" / "final", kept / "hf" / "final", atol=0)
 
 
 def test_bias05_same_losses_on_1_and_2_ranks_and_micro_batches(lab):
