@@ -36,10 +36,9 @@ evaluate() {  # model_dir name seed
   wait
 }
 mkdir -p $runs/eval
-stamp "eval base"
-evaluate $runs/base/hf/final base 0
-
 for seed in $(seq 0 $((seeds - 1))); do
+  stamp "eval base (sampling seed $seed)"  # the base's own spread: eval sampling noise alone
+  evaluate $runs/base/hf/final base $seed
   for variant in sft offgrpo bias05 onpolicy; do
     stamp "post-training $variant (seed $seed)"
     "${torchrun[@]}" train.py configs/tiny/$variant.yaml output_dir=$runs/$variant/seed$seed \
