@@ -373,7 +373,7 @@ def main(argv=None) -> None:
     ap.add_argument("--modulus", type=int, default=5)
     ap.add_argument("--mid-k", default="1-6", help='k of the mid-training problems, e.g. "1-6" or "1,2"')
     ap.add_argument("--mid-weights", default="8,8,2,1,0.5,0.5", help="relative share of each mid k")
-    ap.add_argument("--n-mid", type=int, default=25600, help="= 800 steps x 32 sequences, one epoch")
+    ap.add_argument("--n-mid", type=int, default=15360, help="= 480 steps x 32 sequences, one epoch")
     ap.add_argument("--teacher-k", default="3")
     ap.add_argument("--n-teacher", type=int, default=512, help="teacher questions (x --samples rows)")
     ap.add_argument("--samples", type=int, default=16, help="teacher samples per question")

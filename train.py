@@ -43,6 +43,7 @@ class ModelConfig:
     tokenizer: str | None = None          # tokenizer directory; None = model.path
     trust_remote_code: bool = False       # only if the model's repository needs it
     activation_checkpointing: bool = True  # recompute each decoder layer in backward (memory for FLOPs)
+    shard_layers: bool = True             # one FSDP unit per decoder layer (False: the whole model is one unit)
     reshard_after_forward: bool = True    # free gathered layer params after forward (False: keep them for backward)
     param_dtype: str = "bfloat16"         # FSDP2 compute dtype on GPU; CPU always computes in float32
     logprob_backend: str = "auto"         # fused_logprobs backend: auto | triton | torch
@@ -323,7 +324,8 @@ def run(cfg: Config) -> None:
     # Model: policy (FSDP2), optional frozen reference, optimizer
     # -----------------------------------------------------------------------------------------
     build = dict(path=cfg.model.path, init_config=cfg.model.init_config, dist=d, param_dtype=param_dtype,
-                 reduce_dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed)
+                 reduce_dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
+                 shard_layers=cfg.model.shard_layers)
     model = mu.build_model(**build, activation_checkpointing=cfg.model.activation_checkpointing,
                            reshard_after_forward=cfg.model.reshard_after_forward)
     use_ref = cfg.loss.kl_coef > 0

@@ -2,6 +2,9 @@
 
     python -m eval.math --model DIR --data FILE.jsonl --n 64 --temperature 0.6 --top-p 0.95 \\
         --max-new-tokens 32768 --out DIR [--batch-size B] [--backend hf|vllm] [--seed S] [--limit L]
+    python -m eval.math --model DIR1 DIR2 ... --out OUT1 OUT2 ... [same options]
+        several models in one process, one after the other, on the same data and settings (saves the
+        start-up per model; each model's samples are what a run of its own would give)
 
 Input: JSONL records with "problem" and "answer", optionally "id" (default: the line number), "dag"
 (a synthetic.Problem dict: adds process-verified accuracy) and "k" (difficulty: adds a per-k table).
@@ -223,11 +226,12 @@ def _read_samples(path: Path) -> list[dict]:
 
 # --- CLI ----------------------------------------------------------------------------------------
 
-def main(argv=None) -> dict:
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description="Sample, grade and score a model on a math JSONL file.")
-    ap.add_argument("--model", required=True, help="HF model directory (with its tokenizer)")
+    ap.add_argument("--model", required=True, nargs="+", help="HF model directory (with its tokenizer); several: "
+                    "evaluated one after the other")
     ap.add_argument("--data", required=True, help="JSONL with problem, answer [, id, dag, k]")
-    ap.add_argument("--out", required=True, help="output directory (resumable)")
+    ap.add_argument("--out", required=True, nargs="+", help="output directory (resumable), one per --model")
     ap.add_argument("--n", type=int, default=64, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -240,30 +244,37 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-instruction", action="store_true",
                     help="prompt with the bare problem (models trained without the boxed instruction)")
     a = ap.parse_args(argv)
+    if len(a.model) != len(a.out):
+        ap.error(f"give one --out per --model (got {len(a.model)} models and {len(a.out)} output directories)")
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
     records = load_records(a.data, a.limit)
-    if a.backend == "vllm":
-        try:
-            from vllm import LLM
-        except ImportError:
-            sys.exit("eval.math: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
-        model = LLM(model=a.model, seed=a.seed)
-    else:
-        import torch
-        from transformers import AutoModelForCausalLM
+    summaries = []
+    for model_dir, out_dir in zip(a.model, a.out):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if a.backend == "vllm":
+            try:
+                from vllm import LLM
+            except ImportError:
+                sys.exit("eval.math: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
+            model = LLM(model=model_dir, seed=a.seed)
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(device).eval()
-        print(f"eval: {a.model} on {device} ({dtype})", flush=True)
-    summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
-                       max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=a.out, seed=a.seed,
-                       instruction="" if a.no_instruction else BOXED_INSTRUCTION, backend=a.backend)
-    print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
-    return summary
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+            print(f"eval: {model_dir} on {device} ({dtype})", flush=True)
+        summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
+                           max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=out_dir,
+                           seed=a.seed, instruction="" if a.no_instruction else BOXED_INSTRUCTION,
+                           backend=a.backend)
+        print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
+        summaries.append(summary)
+        del model  # one model in memory at a time (a vLLM engine may keep GPU memory: there, one model per run)
+    return summaries
 
 
 if __name__ == "__main__":

@@ -26,26 +26,33 @@ python data.py curate --input data/tiny/teacher_raw.jsonl --output data/tiny/tea
 stamp "base model (mid-training)"
 "${torchrun[@]}" train.py configs/tiny/base.yaml output_dir=$runs/base
 
-# Eval: n samples per problem at the blog's temperature/top-p; the two sets run side by side (one core each).
-evaluate() {  # model_dir name seed
+# Eval: n samples per problem at the blog's temperature/top-p, the base and the seed's variants in one
+# process per set (one start-up); the two sets run side by side (one core each).
+evaluate() {  # seed name1 dir1 name2 dir2 ...
+  local seed=$1; shift
+  local names=() dirs=() pids=()
+  while [ $# -gt 0 ]; do names+=("$1"); dirs+=("$2"); shift 2; done
   for bench in eval_id eval_ood; do
-    python -m eval.math --model "$1" --data data/tiny/$bench.jsonl --n 4 --temperature 0.6 --top-p 0.95 \
-      --max-new-tokens 160 --batch-size 200 --no-instruction --seed "$3" --out "$runs/eval/$2/$bench/seed$3" \
-      > "$runs/eval-$2-$bench-$3.log" 2>&1 &
+    local outs=()
+    for name in "${names[@]}"; do outs+=("$runs/eval/$name/$bench/seed$seed"); done
+    python -m eval.math --model "${dirs[@]}" --out "${outs[@]}" --data data/tiny/$bench.jsonl --n 4 \
+      --temperature 0.6 --top-p 0.95 --max-new-tokens 160 --batch-size 200 --no-instruction --seed "$seed" \
+      > "$runs/eval-$bench-seed$seed.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  for pid in "${pids[@]}"; do wait "$pid"; done  # (set -e: a failed evaluation stops the demo)
 }
 mkdir -p $runs/eval
 for seed in $(seq 0 $((seeds - 1))); do
-  stamp "eval base (sampling seed $seed)"  # the base's own spread: eval sampling noise alone
-  evaluate $runs/base/hf/final base $seed
+  models=(base $runs/base/hf/final)  # the base once per sampling seed: its spread is eval noise alone
   for variant in sft offgrpo bias05 onpolicy; do
     stamp "post-training $variant (seed $seed)"
     "${torchrun[@]}" train.py configs/tiny/$variant.yaml output_dir=$runs/$variant/seed$seed \
       model.path=$runs/base/hf/final train.seed=$seed
-    stamp "eval $variant (seed $seed)"
-    evaluate $runs/$variant/seed$seed/hf/final $variant $seed
+    models+=($variant $runs/$variant/seed$seed/hf/final)
   done
+  stamp "eval base and variants (sampling seed $seed)"
+  evaluate $seed "${models[@]}"
 done
 
 python -m eval.table $runs/eval --out $runs/results.md --json $runs/results.json

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,25 @@ def test_cli_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     now = samples.read_text().splitlines()
     assert now[:4] == kept  # finished problems untouched, in place
     assert [(json.loads(x)["id"], json.loads(x)["sample"]) for x in now[4:]] == [("p1", 0), ("p1", 1)]
+
+
+def test_cli_several_models_in_one_process(tiny_model_dir, tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    other = tmp_path / "other"  # the same architecture and tokenizer, other weights
+    shutil.copytree(tiny_model_dir, other)
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(Qwen2ForCausalLM.config_class.from_pretrained(tiny_model_dir)).save_pretrained(other)
+    common = ["--data", str(tiny_model_dir / "data.jsonl"), "--n", "2", "--temperature", "1.0",
+              "--max-new-tokens", "8", "--batch-size", "4", "--seed", "3"]
+    both = eval_math.main(["--model", str(tiny_model_dir), str(other),
+                           "--out", str(tmp_path / "a"), str(tmp_path / "b"), *common])
+    alone = eval_math.main(["--model", str(other), "--out", str(tmp_path / "b_alone"), *common])
+    texts = lambda d: [json.loads(x)["text"] for x in (tmp_path / d / "samples.jsonl").read_text().splitlines()]
+    assert texts("b") == texts("b_alone") and texts("a") != texts("b")  # as if each model ran on its own
+    assert both[1] == alone[0] and (tmp_path / "a" / "summary.json").exists()
+    with pytest.raises(SystemExit):  # one --out per --model
+        eval_math.main(["--model", str(tiny_model_dir), str(other), "--out", str(tmp_path / "c"), *common])
 
 
 # --- table --------------------------------------------------------------------------------------

@@ -159,6 +159,7 @@ def test_base_sft_same_losses_on_1_and_2_ranks(lab):
     one = run_train(lab["root"] / "sft1", cfg, nproc=1)
     two = run_train(lab["root"] / "sft2", cfg, nproc=2)
     kept = run_train(lab["root"] / "sft2_kept", cfg, nproc=2, extra=["model.reshard_after_forward=false"])
+    whole = run_train(lab["root"] / "sft2_whole", cfg, nproc=2, extra=["model.shard_layers=false"])
     l1, l2 = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
     assert len(l1) == 3 and l1[0] > 0
     assert l1 == pytest.approx(l2, rel=1e-5)
@@ -166,6 +167,9 @@ def test_base_sft_same_losses_on_1_and_2_ranks(lab):
     # layers kept gathered from forward to backward: the same computation, fewer all-gathers
     assert [m["loss"] for m in metrics(kept)] == l2
     assert_same_weights(two / "hf" / "final", kept / "hf" / "final", atol=0)
+    # the whole model as one FSDP unit: the same sums, in one all-gather and one reduce-scatter
+    assert [m["loss"] for m in metrics(whole)] == pytest.approx(l2, rel=1e-6)
+    assert_same_weights(two / "hf" / "final", whole / "hf" / "final", atol=1e-6)
 
 
 def test_bias05_same_losses_on_1_and_2_ranks_and_micro_batches(lab):
@@ -201,11 +205,14 @@ def test_onpolicy_rollouts_train_and_resume_exactly(lab):
     part = lab["root"] / "onpolicy_part"
     run_train(part, cfg, nproc=2, extra=["train.stop_after=2"])
     run_train(part, cfg, nproc=2, extra=["train.resume=auto"])
+    whole = run_train(lab["root"] / "onpolicy_whole", cfg, nproc=2, extra=["model.shard_layers=false"])
     mf = metrics(full)
     assert [m["step"] for m in mf] == [1, 2, 3]
     assert all(0.0 <= m["data/reward_mean"] <= 1.0 and math.isfinite(m["loss"]) for m in mf)
     assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in mf]  # exact
     assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
+    # rollouts from a model that is one FSDP unit (the tiny lab's setting): the same samples and losses
+    assert [m["loss"] for m in metrics(whole)] == pytest.approx([m["loss"] for m in mf], rel=1e-5)
     with pytest.raises(AssertionError):  # the entropy bonus moved the policy away from the base
         assert_same_weights(full / "hf" / "final", lab["base"], atol=1e-6)
 
