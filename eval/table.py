@@ -67,7 +67,7 @@ def cell_stats(values: list[float]) -> dict:
 def _fmt(stats: dict | None) -> str:
     if stats is None:
         return "–"
-    if stats["seeds"] > 1:
+    if stats.get("seeds", 1) > 1:
         return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
     return f"{stats['mean']:.1f}"
 
@@ -86,8 +86,7 @@ def make_table(cells: dict[str, dict[str, list[float]]], metric: str) -> tuple[s
         cols = [_fmt(row.get(b)) for b in benches]
         if with_avg:
             if len(row) == len(benches):
-                row["Avg."] = {"mean": statistics.fmean(row[b]["mean"] for b in benches), "std": 0.0,
-                               "seeds": 1, "values": []}
+                row["Avg."] = {"mean": statistics.fmean(row[b]["mean"] for b in benches)}  # of the means
             cols.append(_fmt(row.get("Avg.")))
         lines.append("| " + " | ".join([variant] + cols) + " |")
     return "\n".join(lines) + "\n", stats

@@ -269,6 +269,7 @@ def test_table_markdown_and_json(tmp_path, capsys):
     js = json.loads((tmp_path / "r.json").read_text())
     assert js["bias05"]["aime24"]["values"] == [20.0, 30.0] and js["bias05"]["aime24"]["seeds"] == 2
     assert js["bias05"]["aime24"]["std"] == pytest.approx(50 ** 0.5)
+    assert js["base"]["Avg."] == {"mean": 30.0} and "Avg." not in js["bias05"]  # only for complete rows
     printed = capsys.readouterr().out
     try:
         import matplotlib  # noqa: F401
