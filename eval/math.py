@@ -249,28 +249,30 @@ def main(argv=None) -> list[dict]:
 
     from transformers import AutoTokenizer
 
+    if a.backend == "vllm":  # the backend is resolved once, before any model is loaded
+        try:
+            from vllm import LLM
+        except ImportError:
+            sys.exit("eval.math: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
+        load, where = (lambda d: LLM(model=d, seed=a.seed)), "vllm"
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+        where = f"{device} ({dtype})"
     records = load_records(a.data, a.limit)
+    instruction = "" if a.no_instruction else BOXED_INSTRUCTION
     summaries = []
     for model_dir, out_dir in zip(a.model, a.out):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if a.backend == "vllm":
-            try:
-                from vllm import LLM
-            except ImportError:
-                sys.exit("eval.math: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
-            model = LLM(model=model_dir, seed=a.seed)
-        else:
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-            print(f"eval: {model_dir} on {device} ({dtype})", flush=True)
+        model = load(model_dir)
+        print(f"eval: {model_dir} on {where}", flush=True)
         summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
                            max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=out_dir,
-                           seed=a.seed, instruction="" if a.no_instruction else BOXED_INSTRUCTION,
-                           backend=a.backend)
+                           seed=a.seed, instruction=instruction, backend=a.backend)
         print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
         summaries.append(summary)
         del model  # one model in memory at a time (a vLLM engine may keep GPU memory: there, one model per run)
