@@ -16,7 +16,9 @@ from loss import (
     off_policy_grpo_token_loss,
     on_policy_grpo_token_loss,
     seq_mean_token_mean,
+    seq_mean_token_sum_norm,
     sft_token_loss,
+    token_mean,
 )
 
 B, T, EPS, BETA = 6, 5, 0.2, 0.1
@@ -129,6 +131,61 @@ def test_kl_k3_huge_gap_is_finite():
     k3 = kl_k3(torch.tensor([[-200.0, 0.0]], requires_grad=True), torch.tensor([[0.0, -200.0]]))
     assert torch.isfinite(k3).all()
     _close(k3, [[math.exp(20) - 21, math.exp(-20) + 19]], atol=1.0)
+
+
+def _k3_clamped_ref(lp, ref, c):
+    k, d = _k3_ref(lp, ref)
+    return min(max(k, -c), c), (0.0 if abs(k) > c else d)  # the clamped branch is constant in logp
+
+
+@pytest.mark.parametrize("c", [0.3, 1.0])
+def test_kl_clamp_value_and_grad(c):
+    logp, _, ref_logp, _, w = _inputs()
+    k3 = kl_k3(logp, ref_logp, kl_clamp=c)
+    val, d = _loop(lambda lp, ref: _k3_clamped_ref(lp, ref, c), logp, ref_logp)
+    _close(k3, val)
+    raw, _ = _loop(_k3_ref, logp, ref_logp)
+    active = torch.tensor(raw) > c
+    assert active.any() and (~active).any()  # the data exercises both sides of the clamp
+    (w * k3).sum().backward()
+    _close(logp.grad, (w * torch.tensor(d)).tolist())
+    assert (logp.grad[active] == 0).all()  # clamped tokens get no KL gradient
+    assert (logp.grad[~active] != 0).all()
+
+
+def test_kl_clamp_none_is_unclamped_exactly():
+    logp, _, ref_logp, _, _ = _inputs()
+    plain = kl_k3(logp, ref_logp)
+    assert torch.equal(kl_k3(logp, ref_logp, kl_clamp=None), plain)
+    _close(plain, _loop(_k3_ref, logp, ref_logp)[0])
+    assert torch.equal(kl_k3(logp, ref_logp, kl_clamp=1e6), plain)  # an inactive clamp changes nothing
+    with pytest.raises(ValueError, match="kl_clamp"):
+        kl_k3(logp, ref_logp, kl_clamp=0.0)
+    with pytest.raises(ValueError, match="kl_clamp"):
+        kl_k3(logp, ref_logp, kl_clamp=-10.0)
+
+
+@pytest.mark.parametrize("which", ["sft", "on", "off"])
+def test_kl_clamp_threads_through_every_token_loss(which):
+    logp, old_logp, ref_logp, adv, w = _inputs(seed=2)
+    c = 0.3
+
+    def tl(**kw):
+        if which == "sft":
+            return sft_token_loss(logp, **kw)
+        if which == "on":
+            return on_policy_grpo_token_loss(logp, old_logp, adv, **kw)
+        return off_policy_grpo_token_loss(logp, adv, **kw)
+
+    # default (no kl_clamp keyword) and kl_clamp=None agree bit for bit
+    assert torch.equal(tl(ref_logp=ref_logp, kl_coef=BETA, kl_clamp=None), tl(ref_logp=ref_logp, kl_coef=BETA))
+    # with the clamp: the loss is the KL-free loss plus beta * clip(k3, -c, c), value and gradient
+    clamped = tl(ref_logp=ref_logp, kl_coef=BETA, kl_clamp=c)
+    base = tl()
+    val, d = _loop(lambda lp, ref: _k3_clamped_ref(lp, ref, c), logp, ref_logp)
+    assert 0 < sum(v == c for r in val for v in r) < B * T  # the clamp is active on some tokens only
+    _close(clamped - base, (BETA * torch.tensor(val)).tolist())
+    _close(_grad(clamped, logp, w) - _grad(base, logp, w), (BETA * w * torch.tensor(d)).tolist())
 
 
 def test_sft_token_loss():
@@ -248,6 +305,74 @@ def test_seq_mean_token_mean_value_and_grad():
         seq_mean_token_mean(tl, mask, 0)
 
 
+def _agg_data(seed):
+    g = torch.Generator().manual_seed(seed)
+    tl = torch.randn(B, T, generator=g, requires_grad=True)
+    mask = (torch.rand(B, T, generator=g) > 0.4).float()
+    mask[2] = 0  # an empty row contributes 0
+    mask[4] = 1  # a full row
+    return tl, mask
+
+
+def _agg_ref(mode, tl, mask, num_seqs=None, num_tokens=None, norm_len=None):
+    """Loop reference: (value, d value / d l_bt as a nested list) for one aggregation mode."""
+    ref, dref = 0.0, [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        n = sum(mask[b].tolist())
+        for t in range(T):
+            if mask[b, t] > 0:
+                if mode == "seq-mean-token-mean":
+                    wt = 1.0 / n / num_seqs
+                elif mode == "token-mean":
+                    wt = 1.0 / num_tokens
+                else:
+                    wt = 1.0 / norm_len / num_seqs
+                ref += tl[b, t].item() * wt
+                dref[b][t] = wt
+    return ref, dref
+
+
+def test_token_mean_value_and_grad():
+    tl, mask = _agg_data(7)
+    num_tokens = 37  # the step's token count (other micro-batches and ranks hold the rest)
+    ref, dref = _agg_ref("token-mean", tl, mask, num_tokens=num_tokens)
+    loss = token_mean(tl, mask, num_tokens)
+    _close(loss, ref)
+    loss.backward()
+    _close(tl.grad, dref)
+    assert (tl.grad[mask == 0] == 0).all()
+    torch.testing.assert_close(token_mean(tl, mask, torch.tensor(num_tokens)), loss)  # an all-reduced count
+    # with the local count it is the masked token mean
+    _close(token_mean(tl, mask, int(mask.sum())), masked_mean(tl.detach(), mask).item())
+
+
+@pytest.mark.parametrize("norm_len", [T, 16])
+def test_seq_mean_token_sum_norm_value_and_grad(norm_len):
+    tl, mask = _agg_data(8)
+    num_seqs = 11
+    ref, dref = _agg_ref("seq-mean-token-sum-norm", tl, mask, num_seqs=num_seqs, norm_len=norm_len)
+    loss = seq_mean_token_sum_norm(tl, mask, num_seqs, norm_len)
+    _close(loss, ref)
+    loss.backward()
+    _close(tl.grad, dref)
+    assert (tl.grad[mask == 0] == 0).all()
+    # the token weight 1/(L*N_seq) is the same for every unmasked token, whatever its response's length
+    assert torch.unique(tl.grad[mask == 1]).numel() == 1
+
+
+def test_aggregation_errors_on_non_positive_counts():
+    tl, mask = _agg_data(9)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="num_tokens"):
+            token_mean(tl, mask, bad)
+        with pytest.raises(ValueError, match="num_seqs"):
+            seq_mean_token_sum_norm(tl, mask, bad, T)
+        with pytest.raises(ValueError, match="norm_len"):
+            seq_mean_token_sum_norm(tl, mask, B, bad)
+    with pytest.raises(ValueError, match="num_tokens"):
+        token_mean(tl, mask, torch.tensor(0))
+
+
 def test_masked_tokens_get_no_gradient_through_every_loss():
     logp, old_logp, ref_logp, adv, _ = _inputs()
     mask = torch.ones(B, T)
@@ -264,21 +389,35 @@ def test_masked_tokens_get_no_gradient_through_every_loss():
         assert (grad[mask == 1] != 0).any()
 
 
-def test_micro_batches_with_global_num_seqs_match_full_batch():
+AGG_MODES = ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("bounds", [[0, 2, 4, 6], [0, 1, 4, 6], [0, 3, 6], [0, 1, 2, 3, 4, 5, 6]])
+def test_micro_batches_with_global_counts_match_full_batch(mode, bounds):
+    """Micro-batches (or ranks) summing aggregates taken with the GLOBAL count give the full-batch loss."""
     logp, _, ref_logp, _, _ = _inputs(seed=6)
     rewards = torch.tensor([1.0, 0, 1, 1, 1, 1])
     adv = group_advantages(rewards, 3, all_positive_bias=0.5)  # advantages from whole groups
     mask = torch.ones(B, T)
     mask[0, 3:] = 0
     mask[4, 1:] = 0
+    mask[5] = 0
+    num_seqs, num_tokens, norm_len = B, int(mask.sum()), 8  # counts of the whole step, all-reduced once
 
     def loss_of(sl):
         tl = off_policy_grpo_token_loss(logp[sl], adv[sl], ref_logp=ref_logp[sl], kl_coef=BETA)  # [b, T]
-        return seq_mean_token_mean(tl, mask[sl], num_seqs=B)
+        if mode == "seq-mean-token-mean":
+            return seq_mean_token_mean(tl, mask[sl], num_seqs)
+        if mode == "token-mean":
+            return token_mean(tl, mask[sl], num_tokens)
+        return seq_mean_token_sum_norm(tl, mask[sl], num_seqs, norm_len)
 
     full = loss_of(slice(0, B))
     g_full = torch.autograd.grad(full, logp)[0]
-    parts = [loss_of(slice(s, s + 2)) for s in range(0, B, 2)]  # uneven split across groups on purpose
+    tl_full = off_policy_grpo_token_loss(logp, adv, ref_logp=ref_logp, kl_coef=BETA).detach()  # [B, T]
+    _close(full, _agg_ref(mode, tl_full, mask, num_seqs, num_tokens, norm_len)[0])
+    parts = [loss_of(slice(s, e)) for s, e in zip(bounds[:-1], bounds[1:])]  # splits across groups on purpose
     g_parts = torch.autograd.grad(sum(parts), logp)[0]
     torch.testing.assert_close(sum(parts), full)
     torch.testing.assert_close(g_parts, g_full)
