@@ -1,7 +1,7 @@
 """Data: reading curated records, difficulty-aware sampling, tokenisation, batching (the training side).
 
 Flow: raw rows --curate.py--> curated JSONL (one record per question) --read_records--> records
---GroupDataset--> token groups --GroupSampler + collate--> batches for train.py.
+--GroupDataset--> token groups (optionally a drawn subset: draw_questions) --GroupSampler + collate--> batches.
 
 Curated record (one JSONL line per question):
     {"id", "question", "responses": [G str], "rewards": [G float], "gold": str | null,
@@ -15,7 +15,7 @@ curate.py imports them; data.py does not import curate.py except to forward its 
 
 CLI:  python data.py curate ARGS  is  python curate.py ARGS  (OpenThoughts3 curation, rules: curate.curate()).
 Sections: reading utilities | curated records (read_records, sampling_weights, read_pass_rates) |
-tokenisation and batching (GroupDataset, collate, GroupSampler) | CLI.
+tokenisation and batching (GroupDataset, collate) | sampling (draw_questions, GroupSampler) | CLI.
 """
 import json
 import os
@@ -212,20 +212,27 @@ class GroupDataset:
     template appends after it (ChatML's trailing "\\n") is cut, because generation stops at the end-of-turn
     token, so the model never produces those tokens and must not be trained on them. Hence
         input_ids = prompt + response + <|im_end|>,  loss_mask = 0 on the prompt, 1 on the rest.
-    Sequences longer than max_len are dropped (counted); a question keeps its first group_size fitting
-    responses, or is dropped (counted) if fewer fit. Ids are stored as int32 arrays (memory at real scale).
+    A sequence longer than max_len is, with overlong="truncate" (the released script's choice), cut to its first
+    max_len tokens (the loss covers the kept response tokens, the reward stays: the answer was graded on the
+    whole trace), or with "drop" left out; both counted. A prompt that leaves no response token within max_len
+    is dropped either way. A question keeps its first group_size usable responses, or is dropped (counted) if
+    fewer remain. Ids are stored as int32 arrays (memory at real scale).
     Tokenisation goes through apply_chat_template in batches of questions (one call per batch, not per
     response: the per-call overhead dominated), keeping its handling of special-token text in content.
     """
 
-    def __init__(self, records, tokenizer, *, group_size, max_len, end_of_turn="<|im_end|>", batch=256):
+    def __init__(self, records, tokenizer, *, group_size, max_len, overlong="truncate", end_of_turn="<|im_end|>",
+                 batch=256):
+        if overlong not in ("truncate", "drop"):
+            raise ValueError(f"overlong must be truncate or drop, got {overlong!r}")
         eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
         if eot_id is None or eot_id == tokenizer.unk_token_id:
             raise DataError(f"tokenizer has no end-of-turn token {end_of_turn!r}")
         self.group_size, self.max_len = group_size, max_len
         self.items = []  # (record, prompt_len, [int32 arrays of full ids], rewards)
         self.report = {"questions_in": len(records), "questions_kept": 0, "questions_dropped_too_few_fit": 0,
-                       "responses_in": sum(len(r["responses"]) for r in records), "responses_dropped_too_long": 0}
+                       "responses_in": sum(len(r["responses"]) for r in records), "responses_dropped_too_long": 0,
+                       "responses_truncated": 0, "responses_dropped_prompt_too_long": 0}
         for start in range(0, len(records), batch):
             chunk = records[start:start + batch]
             users = [{"role": "user", "content": rec["question"]} for rec in chunk]
@@ -246,8 +253,13 @@ class GroupDataset:
                         raise DataError(f"question {rec['id']}: no {end_of_turn!r} after the prompt")
                     length = len(prompt) + int(ends[-1]) + 1  # through the last end-of-turn token
                     if length > max_len:
-                        self.report["responses_dropped_too_long"] += 1
-                    elif len(seqs) < group_size:  # the first group_size fitting responses
+                        what = ("dropped_prompt_too_long" if len(prompt) >= max_len else  # no response token fits
+                                "dropped_too_long" if overlong == "drop" else "truncated")
+                        self.report[f"responses_{what}"] += 1
+                        if what != "truncated":
+                            continue
+                        length = max_len
+                    if len(seqs) < group_size:  # the first group_size usable responses
                         seqs.append(full[:length])
                         rewards.append(float(reward))
                 if len(seqs) < group_size:
@@ -290,15 +302,48 @@ def collate(items, pad_id):
     return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, rewards=rewards)
 
 
+# --------------------------------------------------------------------------- sampling
+
+def _check_weights(weights, num_questions):
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (num_questions,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError("weights must be num_questions finite non-negative numbers")
+    return weights
+
+
+def _weighted_order(weights, rng):
+    """Efraimidis-Spirakis weighted order without replacement of the indices with w_i > 0: key_i = u_i^(1/w_i)
+    descending, computed as log(u_i)/w_i; its first k entries are a weighted draw of k without replacement."""
+    u = 1.0 - rng.random(len(weights))  # in (0, 1]: log(u) finite
+    positive = np.flatnonzero(weights > 0)
+    log_keys = np.log(u[positive]) / weights[positive]  # log(u^(1/w)), same order as u^(1/w)
+    return positive[np.argsort(-log_keys, kind="stable")]
+
+
+SUBSET_STREAM = int.from_bytes(b"subset", "big")  # draw_questions' rng stream, apart from the sampler's [seed, epoch]
+
+
+def draw_questions(num_questions, k, *, seed, weights=None):
+    """k distinct question indices (data.num_questions: the blog's ~2,000), drawn without replacement by
+    `weights` (sampling_weights; None = uniform) with numpy.random.default_rng([seed, SUBSET_STREAM]): no rank
+    in it, so every rank and world size draws the same subset. A weight-0 question is never drawn; k above the
+    number of positive-weight questions raises DataError. Returned sorted: the draw decides which questions,
+    the order they are trained in is GroupSampler's (a fresh permutation each epoch)."""
+    weights = np.ones(num_questions) if weights is None else _check_weights(weights, num_questions)
+    positive = int(np.count_nonzero(weights > 0))
+    if not 1 <= k <= positive:
+        raise DataError(f"num_questions {k} not in [1, {positive}] ({positive} questions have a positive weight)")
+    return sorted(int(i) for i in _weighted_order(weights, np.random.default_rng([seed, SUBSET_STREAM]))[:k])
+
+
 class GroupSampler:
     """Deterministic, resumable, rank-sharded question sampler.
 
     The question stream is the concatenation of per-epoch permutations; epoch e's permutation comes from
-    numpy.random.default_rng([seed, e]): uniform without weights; with weights, the Efraimidis-Spirakis
-    weighted order without replacement (key_i = u_i^(1/w_i), descending; computed as log(u_i)/w_i) over the
-    questions with w_i > 0 -- a weight-0 question is never drawn and an epoch holds only positive-weight
-    questions. Global step s is the next questions_per_step entries of the stream; when an epoch runs out
-    mid-step the step continues into the next epoch's permutation (so a step may then repeat a question).
+    numpy.random.default_rng([seed, e]): uniform without weights; with weights, _weighted_order (Efraimidis-
+    Spirakis) -- a weight-0 question is never drawn and an epoch holds only positive-weight questions.
+    Global step s is the next questions_per_step entries of the stream; when an epoch runs out mid-step the
+    step continues into the next epoch's permutation (so a step may then repeat a question).
     Rank r gets chunk[r::world_size], so the global step's questions never depend on world_size.
     State (resumable): epoch and position of the next draw; .epoch is the epoch the next step starts in
     and .progress the fractional epoch count (for logging).
@@ -310,9 +355,7 @@ class GroupSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if weights is not None:
-            weights = np.asarray(weights, dtype=np.float64)
-            if weights.shape != (num_questions,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
-                raise ValueError("weights must be num_questions finite non-negative numbers")
+            weights = _check_weights(weights, num_questions)
             if not np.any(weights > 0):
                 raise ValueError("all sampling weights are 0")
         elif num_questions == 0:
@@ -325,13 +368,8 @@ class GroupSampler:
     def permutation(self, epoch):
         if self._perm_epoch != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            if self.weights is None:
-                self._perm = rng.permutation(self.num_questions)
-            else:
-                u = 1.0 - rng.random(self.num_questions)  # in (0, 1]: log(u) finite
-                positive = np.flatnonzero(self.weights > 0)
-                log_keys = np.log(u[positive]) / self.weights[positive]  # log(u^(1/w)), same order as u^(1/w)
-                self._perm = positive[np.argsort(-log_keys, kind="stable")]
+            self._perm = (rng.permutation(self.num_questions) if self.weights is None
+                          else _weighted_order(self.weights, rng))
             self._perm_epoch = epoch
         return self._perm
 

@@ -17,6 +17,7 @@ FSDP2 facts this file relies on (DESIGN.md section 7):
     so optimizers and state dicts always see the sharded DTensor parameters.
 """
 import dataclasses
+import datetime
 import json
 import os
 import random
@@ -33,7 +34,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_model_state_dict, set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
+from torch._guards import detect_fake_mode
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
                                     register_fsdp_forward_method)
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Qwen2Config
@@ -50,11 +52,13 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    mesh: DeviceMesh | None = None  # the 1-D FSDP mesh; None: build_model makes one on `device`
 
 
-def setup_distributed() -> Dist:
-    """Init the default process group: nccl on CUDA, gloo on CPU. Under plain `python` (no torchrun env)
-    it becomes a world of 1, so the FSDP2 code paths are the same as under torchrun."""
+def setup_distributed(timeout_s: float = 3600) -> Dist:
+    """Init the default process group -- on CUDA `cpu:gloo,cuda:nccl`, on CPU gloo -- with a timeout of
+    timeout_s for every collective. Under plain `python` (no torchrun env) it becomes a world of 1, so the
+    FSDP2 code paths are the same as under torchrun."""
     if "RANK" not in os.environ:
         with socket.socket() as s:  # a free port for the world-of-1 rendezvous
             s.bind(("127.0.0.1", 0))
@@ -69,14 +73,19 @@ def setup_distributed() -> Dist:
                          "environment; without it a restarted job can hang")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
+    timeout = datetime.timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        tdist.init_process_group("nccl", device_id=device)
+        # NCCL serves only CUDA tensors ("No backend type associated with device type cpu"). train.py puts its
+        # own scalars on the device (no host round trip); the gloo half serves whatever reaches the group
+        # from the CPU all the same -- DCP's plan exchange, object collectives, a future host-side counter.
+        tdist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        tdist.init_process_group("gloo")
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        tdist.init_process_group("gloo", timeout=timeout)
+    mesh = init_device_mesh(device.type, (world_size,))
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh)
 
 
 def teardown_distributed() -> None:
@@ -139,10 +148,11 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
     they overlap (the tiny lab: 15% faster per step on 2 CPU ranks); reshard_after_forward is then moot."""
     if (path is None) == (init_config is None):
         raise ValueError("build_model: give exactly one of path and init_config")
+    fake = detect_fake_mode() is not None  # a FakeTensorMode rehearsal (benchmarks/memory.py): shapes, no values
     if path is not None:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"no config.json in model path {path}")
-        if not any(os.path.isfile(os.path.join(path, f))
+        if not fake and not any(os.path.isfile(os.path.join(path, f))
                    for f in ("model.safetensors", "model.safetensors.index.json")):
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in model path {path}")
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -166,7 +176,7 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
         # state-dict FQNs stay HF's (the wrapper strips its prefix; DCP's helpers do too).
         for i, layer in enumerate(layers):
             layers[i] = checkpoint_wrapper(layer)
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    mesh = dist.mesh if dist.mesh is not None else init_device_mesh(dist.device.type, (dist.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in layers if shard_layers else []:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -190,6 +200,20 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
             if module._non_persistent_buffers_set:
                 model._init_weights(module)
 
+    if not fake:  # (under fake tensors values do not change memory, and the broadcast needs host syncs)
+        _load_full_weights(model, path, config, aliases, dist=dist, seed=seed, trust_remote_code=trust_remote_code)
+    model.config.dtype = storage_dtype  # (after the last from_config, which sets it again)
+
+    model.sequence_logprobs = types.MethodType(_sequence_logprobs, model)
+    register_fsdp_forward_method(model, "sequence_logprobs")
+    model.train(requires_grad)
+    return model
+
+
+def _load_full_weights(model, path, config, aliases, *, dist: Dist, seed: int, trust_remote_code: bool) -> None:
+    """Rank 0 reads the full weights (safetensors, or a seeded HF init for init_config) and
+    set_model_state_dict broadcasts them tensor by tensor, in rank 0's dtype, into every rank's fp32 shards."""
+    state = {}
     if dist.rank == 0:
         if path is not None:
             state = _read_safetensors(path)
@@ -200,16 +224,7 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
         for alias, name in aliases.items():  # HF drops tied copies (lm_head.weight) from safetensors
             if alias not in state:
                 state[alias] = state[name]
-    else:  # (tensors are broadcast one at a time, in rank 0's dtype, and copied into the fp32 shards)
-        state = {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del state
-    model.config.dtype = storage_dtype  # (after the last from_config, which sets it again)
-
-    model.sequence_logprobs = types.MethodType(_sequence_logprobs, model)
-    register_fsdp_forward_method(model, "sequence_logprobs")
-    model.train(requires_grad)
-    return model
 
 
 def num_params(model) -> int:
@@ -259,19 +274,30 @@ def _trim_response(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
+def generation_chunks(prompt_lengths: list[int], max_new_tokens: int, max_batch_tokens: int) -> list[slice]:
+    """Consecutive slices of the prompts such that each call's KV cache stays within max_batch_tokens:
+    rows x (longest prompt in the slice + max_new_tokens) <= max_batch_tokens (a single row may exceed it)."""
+    chunks, start, width = [], 0, 0
+    for i, n in enumerate(prompt_lengths):
+        wider = max(width, n)
+        if i > start and (i - start + 1) * (wider + max_new_tokens) > max_batch_tokens:
+            chunks.append(slice(start, i))
+            start, wider = i, n
+        width = wider
+    return chunks + [slice(start, len(prompt_lengths))] if prompt_lengths else chunks
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-             top_p: float, seed: int) -> list[list[int]]:
-    """Sample responses for a left-padded batch of prompts (greedy when temperature == 0). All ranks must
-    call it together: the first forward all-gathers every layer once and decoding then runs on the full
-    parameters without any collective (reshard_after_forward is switched off for the call -- the FSDP2
-    eval recipe; one unsharded model copy per rank), so ranks stop independently. `seed` seeds this call
-    only (global RNG untouched); fold rank/step into it for distinct streams."""
+             top_p: float, seed: int, max_batch_tokens: int = 2**62) -> list[list[int]]:
+    """Sample responses to prompts (greedy when temperature == 0), in left-padded calls of at most
+    max_batch_tokens prompt + new tokens (generation_chunks: the KV-cache budget). All ranks must call it
+    together: every layer is all-gathered once up front and decoding then runs on the full parameters
+    without any collective (reshard_after_forward is switched off for the call -- the FSDP2 eval recipe;
+    one unsharded model copy per rank), so ranks stop independently and may make different numbers of
+    calls. `seed` seeds this call only (global RNG untouched); fold rank/step into it for distinct streams."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts_ids)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts_ids], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids], device=device)
     sample = temperature > 0
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
                                   temperature=temperature if sample else None, top_p=top_p if sample else None,
@@ -283,10 +309,17 @@ def generate(model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: 
     for module in model.modules():  # gather all layers now, on every rank, before any rank can stop early
         if isinstance(module, FSDPModule):
             module.unshard()
+    responses = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
-                             synced_gpus=False)  # [B, width + new]
+        for chunk in generation_chunks([len(p) for p in prompts_ids], max_new_tokens, max_batch_tokens):
+            prompts = prompts_ids[chunk]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
+                                 synced_gpus=False)  # [b, width + new]
+            responses += [_trim_response(row.tolist(), tokenizer.eos_token_id) for row in out[:, width:]]
     model.train(was_training)
     model.set_reshard_after_forward(model.layer_reshard_after_forward)  # back to build_model's settings
     if any(p.requires_grad for p in model.parameters()):
@@ -294,7 +327,7 @@ def generate(model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: 
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-    return [_trim_response(row.tolist(), tokenizer.eos_token_id) for row in out[:, width:]]
+    return responses
 
 
 # --------------------------------------------------------------------------- HF-format save

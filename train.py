@@ -18,16 +18,30 @@ One optimizer step:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 import typing
 from dataclasses import dataclass, field
 
+import torch
+import torch.distributed as dist
 import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+import data
+import loss as L
+import model_utils as mu
+import reward
+from model_utils import print0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +67,9 @@ class ModelConfig:
 class DataConfig:
     train_path: str = ""                  # curated JSONL (data.py curate), one record per question
     group_size: int = 8                   # G responses per question (GRPO group)
-    max_len: int = 32768                  # tokens, prompt + response; longer sequences are dropped
+    max_len: int = 32768                  # tokens, prompt + response; see overlong
+    overlong: str = "truncate"            # a longer sequence: truncate (keep its first max_len tokens, loss on the
+                                          # kept response tokens, reward unchanged; released script) | drop
     agreement_weights: dict | None = None  # {agreement bucket lower edge: weight}; None = uniform
     difficulty_weights: dict | None = None  # {source difficulty: weight}; None = uniform
     pass_rates: str | None = None         # JSON {question_id: student pass rate} for edge-of-competence weights
@@ -69,6 +85,11 @@ class LossConfig:
     ref_logprobs: str = "live"            # live (frozen reference model) | cached (pre-pass, off-policy only)
     entropy_coef: float = 0.0             # entropy bonus (released code: 0.001); subtracted from the loss
     luffy_gamma: float | None = None      # off-policy shaping f(p) = p / (p + gamma); None = off
+    kl_clamp: float | None = None         # k3 clamped to [-c, c] (released code's low_var_kl: 10); None = off
+    agg: str = "seq-mean-token-mean"      # how token losses become the step's loss (eq. 6): seq-mean-token-mean
+                                          # (the blog's 1/G sum_i 1/|o_i| sum_t) | token-mean (DAPO: / response tokens
+                                          # of the step) | seq-mean-token-sum-norm (Dr.GRPO: sum_t / agg_len, / N_seq)
+    agg_len: int | None = None            # L of seq-mean-token-sum-norm: the response-token budget
 
 
 @dataclass
@@ -76,6 +97,8 @@ class RolloutConfig:                      # on-policy sampling (loss.name = onpo
     temperature: float = 1.0              # sampling temperature
     top_p: float = 1.0                    # nucleus sampling
     max_new_tokens: int = 1024            # response budget per sample (tokens)
+    max_batch_tokens: int = 131072        # KV-cache budget of one generate call: sequences x (prompt + new tokens);
+                                          # a rank's samples run in as many calls as it takes (7B bf16: 56 KiB/token)
 
 
 @dataclass
@@ -103,6 +126,8 @@ class TrainConfig:
     sample_every: int = 0                 # decoded samples to samples.jsonl every N steps; 0 = never
     stop_after: int = 0                   # save and exit at this step (time-boxed jobs; the schedule still
                                           # follows max_steps, so a resumed run continues it); 0 = never
+    collective_timeout_s: int = 3600      # process-group timeout: longer than the longest stretch one rank spends
+                                          # without collectives while others wait (a rollout, a 7B HF export on rank 0)
 
 
 @dataclass
@@ -221,6 +246,15 @@ def validate(cfg: Config) -> None:
     need(cfg.loss.luffy_gamma is None or cfg.loss.clip_eps is None,
          "loss.luffy_gamma replaces the clip: set loss.clip_eps=null with it")
     need(cfg.train.questions_per_step >= 1 and cfg.train.micro_batch_size >= 1, "batch sizes must be >= 1")
+    aggs = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+    need(cfg.loss.agg in aggs, f"loss.agg must be one of {', '.join(aggs)}, got {cfg.loss.agg!r}")
+    need((cfg.loss.agg == "seq-mean-token-sum-norm") == (cfg.loss.agg_len is not None),
+         "loss.agg_len is the budget of loss.agg=seq-mean-token-sum-norm: set it with that mode and only then")
+    need(cfg.loss.agg_len is None or cfg.loss.agg_len >= 1, "loss.agg_len must be >= 1")
+    need(cfg.loss.kl_clamp is None or cfg.loss.kl_clamp > 0, "loss.kl_clamp must be > 0 or null")
+    need(cfg.data.overlong in ("truncate", "drop"), f"data.overlong must be truncate or drop, got {cfg.data.overlong!r}")
+    need(cfg.rollout.max_batch_tokens >= 1, "rollout.max_batch_tokens must be >= 1")
+    need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
 
 
 def validate_paths(cfg: Config) -> None:
@@ -259,7 +293,6 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    import data
     try:
         run(cfg)
     except data.DataError as e:  # bad input data: one line, no traceback
@@ -267,47 +300,65 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+# ---------------------------------------------------------------------------------------------
+# The run, in the order it happens. Each step is one function below; run() reads top to bottom.
+# ---------------------------------------------------------------------------------------------
+
 def run(cfg: Config) -> None:
-    # Heavy imports after config validation, so a bad config fails in a fraction of a second.
-    import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    import data
-    import loss as L
-    import model_utils as mu
-    import reward
-
-    # -----------------------------------------------------------------------------------------
-    # Setup: process group, output dir, resolved config
-    # -----------------------------------------------------------------------------------------
-    d = mu.setup_distributed()
-    print0 = mu.print0
+    d = mu.setup_distributed(timeout_s=cfg.train.collective_timeout_s)
     torch.manual_seed(cfg.train.seed)
-    on_gpu = d.device.type == "cuda"
-    param_dtype = torch.bfloat16 if (on_gpu and cfg.model.param_dtype == "bfloat16") else torch.float32
-    out = cfg.output_dir
-    if d.rank == 0:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    stop_requested = False
-
-    def on_sigterm(signum, frame):  # preemption: finish the step, save, exit
-        nonlocal stop_requested
-        stop_requested = True
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-    # -----------------------------------------------------------------------------------------
-    # Data: curated records -> tokenised groups -> a deterministic, resumable, rank-sharded sampler
-    # -----------------------------------------------------------------------------------------
+    write_resolved_config(cfg, d)
+    stop = install_sigterm_handler()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path,
                                               trust_remote_code=cfg.model.trust_remote_code)
+    dataset, sampler, total_steps = build_data(cfg, d, tokenizer)
+    model, ref_model, optimizer = build_models(cfg, d)
+    print0(f"model: {mu.num_params(model) / 1e6:.2f}M params, world {d.world_size}, {total_steps} steps")
+    step, nonfinite_total = resume(cfg, d, model, optimizer, sampler)
+    ref_cache = None
+    if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached":
+        ref_cache = reference_prepass(cfg, d, model, dataset, tokenizer, step)
+    train_loop(cfg, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop,
+               step=step, total_steps=total_steps, nonfinite_total=nonfinite_total)
+    mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", "final"), dist=d)
+    print0(f"done: {total_steps} steps; model in {os.path.join(cfg.output_dir, 'hf', 'final')}")
+    mu.teardown_distributed()
+
+
+# --------------------------------------------------------------------------- setup
+
+def write_resolved_config(cfg: Config, d) -> None:
+    """<output_dir>/config.yaml: the config as resolved (file + overrides), written by rank 0."""
+    if d.rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+
+def install_sigterm_handler() -> dict:
+    """Preemption: SIGTERM sets stop["requested"]; the loop finishes its step, saves and exits."""
+    stop = {"requested": False}
+
+    def on_sigterm(signum, frame):
+        stop["requested"] = True
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return stop
+
+
+def compute_dtype(cfg: Config, device_type: str):
+    """FSDP2's all-gathered compute dtype: model.param_dtype on GPU; CPU always computes in float32."""
+    return torch.bfloat16 if (device_type == "cuda" and cfg.model.param_dtype == "bfloat16") else torch.float32
+
+
+# --------------------------------------------------------------------------- data
+
+def build_data(cfg: Config, d, tokenizer):
+    """Curated records -> tokenised groups -> a deterministic, resumable, rank-sharded sampler.
+    Returns (dataset, sampler, total optimizer steps)."""
     records = data.read_records(cfg.data.train_path)
-    G = cfg.data.group_size
-    dataset = data.GroupDataset(records, tokenizer, group_size=G, max_len=cfg.data.max_len)
-    print0(f"data: {len(dataset)} questions x {G} responses; {dataset.report}")
+    dataset = data.GroupDataset(records, tokenizer, group_size=cfg.data.group_size, max_len=cfg.data.max_len,
+                                overlong=cfg.data.overlong)
+    print0(f"data: {len(dataset)} questions x {cfg.data.group_size} responses; {dataset.report}")
     pass_rates = data.read_pass_rates(cfg.data.pass_rates) if cfg.data.pass_rates else None
     weights = None
     if cfg.data.agreement_weights or cfg.data.difficulty_weights or pass_rates:
@@ -318,35 +369,43 @@ def run(cfg: Config) -> None:
         raise SystemExit(f"config error: train.questions_per_step={Q} must be divisible by world size {d.world_size}")
     sampler = data.GroupSampler(len(dataset), Q, rank=d.rank, world_size=d.world_size,
                                 seed=cfg.train.seed, weights=weights)
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * len(dataset) / Q)
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * len(dataset) / Q)
+    return dataset, sampler, total
 
-    # -----------------------------------------------------------------------------------------
-    # Model: policy (FSDP2), optional frozen reference, optimizer
-    # -----------------------------------------------------------------------------------------
-    build = dict(path=cfg.model.path, init_config=cfg.model.init_config, dist=d, param_dtype=param_dtype,
-                 reduce_dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
+
+# --------------------------------------------------------------------------- models
+
+def build_models(cfg: Config, d, *, device_type: str | None = None):
+    """The policy (FSDP2, activation checkpointing), the frozen reference (only for a live KL reference)
+    and AdamW over the policy's sharded parameters. device_type picks the compute dtype (default: d's;
+    benchmarks/memory.py rehearses "cuda" on a CPU mesh)."""
+    build = dict(path=cfg.model.path, init_config=cfg.model.init_config, dist=d,
+                 param_dtype=compute_dtype(cfg, device_type or d.device.type), reduce_dtype=torch.float32,
+                 trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
                  shard_layers=cfg.model.shard_layers)
     model = mu.build_model(**build, activation_checkpointing=cfg.model.activation_checkpointing,
                            reshard_after_forward=cfg.model.reshard_after_forward)
-    use_ref = cfg.loss.kl_coef > 0
     ref_model = None
-    if use_ref and cfg.loss.ref_logprobs == "live":
+    if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "live":
         ref_model = mu.build_model(**build, activation_checkpointing=False, requires_grad=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
-    print0(f"model: {mu.num_params(model) / 1e6:.2f}M params, world {d.world_size}, {total_steps} steps")
+    return model, ref_model, optimizer
 
-    def logprobs(m, batch, entropy=False):
-        return mu.sequence_logprobs(m, batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device),
-                                    backend=cfg.model.logprob_backend, return_entropy=entropy)
 
-    # -----------------------------------------------------------------------------------------
-    # Resume: newest complete state under ckpt/ (model, optimizer, sampler, RNG, step)
-    # -----------------------------------------------------------------------------------------
-    ckpt_root = os.path.join(out, "ckpt")
-    step = 0
-    nonfinite_total = 0
-    latest = mu.latest_state(ckpt_root) if cfg.train.resume == "auto" else None
+def logprobs(cfg: Config, d, model, batch, entropy=False):
+    """logp [b, t] (and entropy [b, t]) of a padded batch's targets by the fused lm_head + log-softmax (eq. 7)."""
+    return mu.sequence_logprobs(model, batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device),
+                                backend=cfg.model.logprob_backend, return_entropy=entropy)
+
+
+# --------------------------------------------------------------------------- resume
+
+def resume(cfg: Config, d, model, optimizer, sampler) -> tuple[int, int]:
+    """Newest complete state under ckpt/ (model, optimizer, sampler, RNG, step) when train.resume=auto;
+    metrics.jsonl rows of steps that will be re-run are dropped. Returns (step, non-finite steps so far)."""
+    latest = mu.latest_state(os.path.join(cfg.output_dir, "ckpt")) if cfg.train.resume == "auto" else None
+    step, nonfinite_total = 0, 0
     if latest is not None:
         try:
             extra = mu.load_state(latest, model, optimizer, dist=d)
@@ -355,213 +414,339 @@ def run(cfg: Config) -> None:
         step, nonfinite_total = extra["step"], extra["nonfinite_total"]
         sampler.load_state_dict(extra["sampler"])
         print0(f"resumed from {latest} at step {step}")
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if d.rank == 0 and os.path.exists(metrics_path):  # drop rows of steps that will be re-run
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if d.rank == 0 and os.path.exists(metrics_path):
         with open(metrics_path) as f:  # (a last line torn by a kill has no newline: dropped as well)
             kept = [line for line in f if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
+    return step, nonfinite_total
 
-    def save(at_step: int) -> None:
-        extra = {"step": at_step, "nonfinite_total": nonfinite_total, "sampler": sampler.state_dict()}
-        mu.save_state(ckpt_root, at_step, model, optimizer, extra, dist=d, keep=cfg.train.keep_checkpoints)
 
-    # -----------------------------------------------------------------------------------------
-    # Cached reference log-probs: off-policy data is fixed, so log pi_ref of every teacher token is
-    # computed once, before the first update (the policy IS the reference then), and no reference
-    # model is held during training. One safetensors file per rank, read lazily by every rank.
-    # -----------------------------------------------------------------------------------------
-    ref_cache = None
-    if use_ref and cfg.loss.ref_logprobs == "cached":
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-        cache_dir = os.path.join(out, "ref_logprobs")
-        done_marker = os.path.join(cache_dir, "COMPLETE")
-        if not os.path.exists(done_marker):
-            if step > 0:
-                raise SystemExit("error: resuming a cached-reference run whose ref_logprobs/ cache is incomplete")
-            os.makedirs(cache_dir, exist_ok=True)
-            mine = list(range(d.rank, len(dataset), d.world_size))
-            n_batches = math.ceil(len(dataset) / d.world_size)  # same count on every rank (FSDP collectives)
-            tensors = {}
-            with torch.no_grad():
-                for b in tqdm(range(n_batches), desc="ref logprobs", disable=d.rank != 0):
-                    qi = mine[b] if b < len(mine) else mine[-1]
-                    lp = logprobs(model, data.collate([dataset[qi]], tokenizer.pad_token_id))
-                    tensors[f"q{qi}"] = lp.float().cpu().contiguous()  # [G, T-1]
-            model.reshard()
-            save_file(tensors, os.path.join(cache_dir, f"rank{d.rank}.safetensors"))
-            dist.barrier()
-            if d.rank == 0:
-                open(done_marker, "w").close()
+# --------------------------------------------------------------------------- cached reference log-probs
+# Off-policy data is fixed, so log pi_ref of every teacher token is computed once, before the first update
+# (the policy IS the reference then), and no reference model is held during training.
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ref_fingerprint(cfg: Config, d, tokenizer) -> dict:
+    """What the cached log-probs depend on: the data file's contents, how it is tokenised and cut, the
+    reference model's identity (config.json contents + weight files' names, sizes and mtimes: hashing 15 GB
+    of weights at every start would cost minutes) and the world size (the cache is sharded by rank)."""
+    tok = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template], sort_keys=True)
+    if cfg.model.path is not None:
+        files = sorted(f for f in os.listdir(cfg.model.path) if f.endswith((".safetensors", ".json")))
+        stats = [(f, os.stat(os.path.join(cfg.model.path, f)).st_size,
+                  os.stat(os.path.join(cfg.model.path, f)).st_mtime_ns) for f in files]
+        model_id = {"path": os.path.abspath(cfg.model.path), "files": stats,
+                    "config_sha256": _sha256_file(os.path.join(cfg.model.path, "config.json"))}
+    else:
+        model_id = {"init_config": cfg.model.init_config, "seed": cfg.train.seed}
+    fingerprint = {"data_sha256": _sha256_file(cfg.data.train_path), "max_len": cfg.data.max_len,
+                   "group_size": cfg.data.group_size, "overlong": cfg.data.overlong,
+                   "tokenizer_sha256": hashlib.sha256(tok.encode()).hexdigest(), "model": model_id,
+                   "world_size": d.world_size}
+    return json.loads(json.dumps(fingerprint))  # as fingerprint.json reads back (tuples -> lists)
+
+
+def _cache_action(cache_dir: str, fingerprint: dict, step: int) -> str:
+    """"reuse" a complete cache made from these inputs; "compute" it (before the first update only); or an
+    error line: an incomplete cache, or one made from other inputs, cannot be recomputed once the policy moved."""
+    done = os.path.exists(os.path.join(cache_dir, "COMPLETE"))
+    saved = None
+    if done and os.path.exists(os.path.join(cache_dir, "fingerprint.json")):
+        with open(os.path.join(cache_dir, "fingerprint.json")) as f:
+            saved = json.load(f)
+    if done and saved == fingerprint:
+        return "reuse"
+    if step == 0:
+        if done:
+            print0(f"ref logprobs: {cache_dir} was made from other inputs; recomputing")
+        return "compute"
+    changed = "incomplete" if not done else "made from other inputs (" + ", ".join(
+        k for k in fingerprint if (saved or {}).get(k) != fingerprint[k]) + " changed)"
+    return (f"error: resuming at step {step}, but the cached reference log-probs in {cache_dir} are {changed}; "
+            "the policy has moved, so they cannot be recomputed: start a fresh output_dir")
+
+
+def reference_prepass(cfg: Config, d, model, dataset, tokenizer, step: int) -> "RefCache":
+    """log pi_ref of every kept teacher token, in micro-batches of train.micro_batch_size sequences (the
+    step's memory, not a whole padded group); rank r takes questions r::world and writes rank<r>.safetensors
+    (one tensor per response, exactly its length - 1), then fingerprint.json and COMPLETE (the commit)."""
+    cache_dir = os.path.join(cfg.output_dir, "ref_logprobs")
+    decision = [ref_fingerprint(cfg, d, tokenizer), None] if d.rank == 0 else [None, None]
+    if d.rank == 0:
+        decision[1] = _cache_action(cache_dir, decision[0], step)
+        if decision[1] == "compute":
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            os.makedirs(cache_dir)
+    dist.broadcast_object_list(decision, src=0)  # one decision, made once (rank 0 hashed the data)
+    fingerprint, action = decision
+    if action not in ("reuse", "compute"):
+        raise SystemExit(action)  # every rank, so none waits for the others
+    if action == "compute":
+        G, mbs = cfg.data.group_size, cfg.train.micro_batch_size
+        rows = [(qi, j) for qi in range(d.rank, len(dataset), d.world_size) for j in range(G)]
+        n_batches = math.ceil(math.ceil(len(dataset) / d.world_size) * G / mbs)  # equal on every rank (FSDP)
+        tensors, last = {}, {}
+        with torch.no_grad():
+            for b in tqdm(range(n_batches), desc="ref logprobs", disable=d.rank != 0):
+                chunk = rows[b * mbs:(b + 1) * mbs] or rows[-mbs:] or [(0, 0)]  # idle ranks repeat a batch
+                batch, lengths = _rows_batch(dataset, chunk, tokenizer.pad_token_id, last)
+                lp = logprobs(cfg, d, model, batch).float().cpu()                       # [b, t]
+                for k, ((qi, j), n) in enumerate(zip(chunk, lengths)):
+                    if qi % d.world_size == d.rank:
+                        tensors[f"q{qi}.{j}"] = lp[k, :n - 1].contiguous()             # [n - 1]
+        save_file(tensors, os.path.join(cache_dir, f"rank{d.rank}.safetensors"))
         dist.barrier()
-        handles = [safe_open(os.path.join(cache_dir, f"rank{r}.safetensors"), "pt")
-                   for r in range(d.world_size)]
-        ref_cache = lambda qi: handles[qi % d.world_size].get_tensor(f"q{qi}")  # [G, T_q-1]
+        if d.rank == 0:
+            with open(os.path.join(cache_dir, "fingerprint.json"), "w") as f:
+                json.dump(fingerprint, f)
+            open(os.path.join(cache_dir, "COMPLETE"), "w").close()
+    dist.barrier()
+    return RefCache(cache_dir, d.world_size)
 
-    # -----------------------------------------------------------------------------------------
-    # On-policy rollouts: G samples per question from the current policy, scored by reward.py
-    # -----------------------------------------------------------------------------------------
-    def rollout(items: list[dict]) -> list[dict]:
-        prompts = [it["prompt_ids"] for it in items for _ in range(G)]
-        responses = mu.generate(model, tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                seed=cfg.train.seed * 1_000_003 + step * d.world_size + d.rank)
-        fresh = []
-        for i, it in enumerate(items):
-            resp = responses[i * G:(i + 1) * G]
-            texts = tokenizer.batch_decode(resp, skip_special_tokens=True)
-            fresh.append({**it,
-                          "input_ids": [it["prompt_ids"] + r for r in resp],
-                          "loss_mask": [[0] * len(it["prompt_ids"]) + [1] * len(r) for r in resp],
-                          "rewards": [reward.score(t, it["gold"]) if it["gold"] is not None else 0.0 for t in texts],
-                          "texts": texts})
-        return fresh
 
-    # -----------------------------------------------------------------------------------------
-    # The loop
-    # -----------------------------------------------------------------------------------------
-    name, lc = cfg.loss.name, cfg.loss
-    nonfinite_streak = 0
-    bar = tqdm(total=total_steps, initial=step, desc=name, disable=d.rank != 0, dynamic_ncols=True)
+def _rows_batch(dataset, rows, pad_id, memo: dict):
+    """Padded batch of single responses (qi, j) -> (batch, lengths); memo keeps the last question's item."""
+    items = []
+    for qi, j in rows:
+        if memo.get("qi") != qi:
+            memo.update(qi=qi, item=dataset[qi])
+        it = memo["item"]
+        items.append({"input_ids": [it["input_ids"][j]], "loss_mask": [it["loss_mask"][j]],
+                      "rewards": [it["rewards"][j]]})
+    return data.collate(items, pad_id), [len(it["input_ids"][0]) for it in items]
+
+
+class RefCache:
+    """Reads the pre-pass's per-rank files lazily; ref_logp of training rows, checked against their lengths."""
+
+    def __init__(self, cache_dir: str, world_size: int):
+        self.world_size = world_size
+        self.handles = [safe_open(os.path.join(cache_dir, f"rank{r}.safetensors"), "pt") for r in range(world_size)]
+
+    def logprobs(self, rows: list[tuple[int, int, int]], width: int, device):
+        """ref_logp [b, width - 1] for rows (question qi, response j, its n tokens), 0 after each length."""
+        out = torch.zeros(len(rows), width - 1)                                        # [b, t]
+        for k, (qi, j, n) in enumerate(rows):
+            cached = self.handles[qi % self.world_size].get_tensor(f"q{qi}.{j}")        # [n - 1]
+            if cached.shape[0] != n - 1:
+                raise SystemExit(f"error: cached reference log-probs of question {qi}, response {j} cover "
+                                 f"{cached.shape[0]} tokens, the data has {n - 1}: the cache is stale")
+            out[k, :n - 1] = cached
+        return out.to(device)
+
+
+# --------------------------------------------------------------------------- on-policy rollouts
+
+def rollout(cfg: Config, d, model, tokenizer, items: list[dict], step: int) -> list[dict]:
+    """G samples per question from the current policy (generation chunked so that prompt + new tokens of a
+    call stay within rollout.max_batch_tokens: the KV-cache budget), each scored by reward.py."""
+    G = cfg.data.group_size
+    prompts = [it["prompt_ids"] for it in items for _ in range(G)]
+    responses = mu.generate(model, tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                            seed=cfg.train.seed * 1_000_003 + step * d.world_size + d.rank,
+                            max_batch_tokens=cfg.rollout.max_batch_tokens)
+    fresh = []
+    for i, it in enumerate(items):
+        resp = responses[i * G:(i + 1) * G]
+        texts = tokenizer.batch_decode(resp, skip_special_tokens=True)
+        fresh.append({**it,
+                      "input_ids": [it["prompt_ids"] + r for r in resp],
+                      "loss_mask": [[0] * len(it["prompt_ids"]) + [1] * len(r) for r in resp],
+                      "rewards": [reward.score(t, it["gold"]) if it["gold"] is not None else 0.0 for t in texts],
+                      "texts": texts})
+    return fresh
+
+
+# --------------------------------------------------------------------------- one optimizer step
+
+@dataclass
+class StepCounts:
+    """The step's global normalisers, all-reduced once: sequences N_seq and response tokens N_tok of the
+    whole step (SFT: of the positive responses only)."""
+    num_seqs: float
+    num_tokens: float
+
+
+def step_counts(cfg: Config, d, items: list[dict]) -> StepCounts:
+    """N_seq and N_tok over the whole step and all ranks (one all-reduce, on the device NCCL serves)."""
+    sft = cfg.loss.name == "sft"
+    masks = [m for it in items for m, r in zip(it["loss_mask"], it["rewards"]) if r > 0 or not sft]
+    t = torch.tensor([float(len(masks)), float(sum(sum(m) for m in masks))], dtype=torch.float64,
+                     device=d.device)                                                  # [2]
+    dist.all_reduce(t)
+    return StepCounts(num_seqs=max(t[0].item(), 1.0), num_tokens=max(t[1].item(), 1.0))
+
+
+def aggregate(cfg: Config, token_loss, mask, counts: StepCounts):
+    """Eq. 6 (or the aggregation loss.agg names) with the step's global counts: normalised here, once."""
+    if cfg.loss.agg == "token-mean":
+        return L.token_mean(token_loss, mask, counts.num_tokens)
+    if cfg.loss.agg == "seq-mean-token-sum-norm":
+        return L.seq_mean_token_sum_norm(token_loss, mask, counts.num_seqs, cfg.loss.agg_len)
+    return L.seq_mean_token_mean(token_loss, mask, counts.num_seqs)
+
+
+def micro_batch_loss(cfg: Config, d, model, ref_model, ref_cache, batch: dict, adv, rewards, ref_rows,
+                     counts: StepCounts):
+    """Eqs. 3-7 on one micro-batch: logp, ref_logp (live model, or the cache for ref_rows: (question,
+    response, tokens) of each row), the per-token loss of loss.name, aggregated with the step's global counts. Returns (loss to backward, stats [6] float64 on the device:
+    the loss, response tokens, advantage, KL and entropy as sums of per-sequence means, reward) -- no host
+    sync, so a step syncs once, after its last micro-batch."""
+    lc = cfg.loss
+    mask = batch["loss_mask"][:, 1:].to(d.device)                                      # [b, t]
+    logp, entropy = logprobs(cfg, d, model, batch, entropy=True)                        # [b, t] each
+    ref_logp = None
+    if ref_cache is not None:
+        ref_logp = ref_cache.logprobs(ref_rows, batch["input_ids"].shape[1], d.device)  # [b, t]
+    elif ref_model is not None:
+        with torch.no_grad():
+            ref_logp = logprobs(cfg, d, ref_model, batch)                               # [b, t]
+    if lc.name == "sft":
+        mask = mask * (rewards > 0).float()[:, None]                                   # positive responses only
+        token_loss = L.sft_token_loss(logp, ref_logp=ref_logp, kl_coef=lc.kl_coef, kl_clamp=lc.kl_clamp)  # [b, t]
+    elif lc.name == "offgrpo":
+        token_loss = L.off_policy_grpo_token_loss(logp, adv, clip_eps=lc.clip_eps, ref_logp=ref_logp, kl_coef=lc.kl_coef,
+                                                  kl_clamp=lc.kl_clamp, luffy_gamma=lc.luffy_gamma)  # [b, t]
+    else:  # one update per rollout batch, so the sampling policy is the current one
+        token_loss = L.on_policy_grpo_token_loss(logp, logp.detach(), adv, clip_eps=lc.clip_eps, ref_logp=ref_logp,
+                                                 kl_coef=lc.kl_coef, kl_clamp=lc.kl_clamp)            # [b, t]
+    loss = aggregate(cfg, token_loss, mask, counts)
+    if lc.entropy_coef:  # the released code aggregates its entropy bonus like the loss
+        loss = loss - lc.entropy_coef * aggregate(cfg, entropy, mask, counts)
+    with torch.no_grad():
+        kl = L.seq_mean_token_mean(L.kl_k3(logp, ref_logp), mask, 1) if ref_logp is not None else logp.new_zeros(())
+        stats = torch.stack([loss.detach() * counts.num_seqs, mask.sum(), (adv * (mask.sum(1) > 0)).sum(), kl,
+                             L.seq_mean_token_mean(entropy, mask, 1), rewards.sum()]).double()  # [6]
+    return loss, stats
+
+
+def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: list[dict], qidx: list[int],
+               lr: float, pad_id: int) -> dict:
+    """One optimizer step over this rank's groups: advantages per whole group (eqs. 1-2), then micro-batches
+    of train.micro_batch_size rows in length order (less padding; the loss is a sum over rows, so any split
+    gives the same step), backward each; grad-norm clip and AdamW unless the loss or norm is non-finite."""
+    G, lc = cfg.data.group_size, cfg.loss
+    counts = step_counts(cfg, d, items)
+    full = data.collate(items, pad_id)
+    rewards_all = full["rewards"].to(d.device)                                         # [B_rank]
+    if lc.name == "sft":
+        adv_all = torch.zeros_like(rewards_all)                                         # [B_rank]
+    else:
+        adv_all = L.group_advantages(rewards_all, G, scale_by_std=lc.scale_by_std,
+                                     all_positive_bias=lc.all_positive_bias)           # [B_rank]
+    stats = torch.zeros(6, dtype=torch.float64, device=d.device)                       # [6]
+    lengths = full["attention_mask"].sum(1)                                            # [B_rank]
+    row_key = [(qi, j, n) for (qi, j), n in zip([(qi, j) for qi in qidx for j in range(G)], lengths.tolist())]
+    by_length = torch.argsort(lengths, stable=True)                                    # [B_rank]
+    for lo in range(0, len(row_key), cfg.train.micro_batch_size):
+        rows = by_length[lo:lo + cfg.train.micro_batch_size]                           # [b]
+        width = int(lengths[rows].max())                                               # trim shared padding
+        batch = {k: full[k][rows, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
+        loss, mb_stats = micro_batch_loss(cfg, d, model, ref_model, ref_cache, batch, adv_all[rows],
+                                          rewards_all[rows], [row_key[r] for r in rows.tolist()], counts)
+        loss.backward()
+        stats += mb_stats
+    all_pos = sum(all(r > 0 for r in it["rewards"]) for it in items)
+    stats = torch.cat([stats, torch.tensor([float(all_pos), float(len(items))], dtype=torch.float64,
+                                           device=d.device)])                          # [8]
+    if ref_model is not None:
+        ref_model.reshard()
+    dist.all_reduce(stats)
+    loss_sum, tokens, adv_sum, kl_sum, ent_sum, reward_sum, all_pos, n_q = stats.tolist()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    step_loss = loss_sum / counts.num_seqs
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n = counts.num_seqs
+    return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "finite": finite,
+            "policy/adv_mean": adv_sum / n, "policy/kl_mean": kl_sum / n, "policy/entropy": ent_sum / n,
+            "data/all_positive_share": all_pos / n_q, "data/reward_mean": reward_sum / (n_q * G)}
+
+
+# --------------------------------------------------------------------------- the loop
+
+def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop: dict, *,
+               step: int, total_steps: int, nonfinite_total: int) -> None:
+    """Optimizer steps until total_steps: draw the step's questions, roll out (on-policy), train_step, log,
+    samples, checkpoints. A non-finite step is skipped; max_nonfinite in a row abort. SIGTERM (any rank) or
+    train.stop_after: every rank saves at the same step and exits 0."""
+    streak = 0
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.loss.name, disable=d.rank != 0, dynamic_ncols=True)
     while step < total_steps:
         t0 = time.time()
-        qidx = sampler.next_step()                                 # this rank's questions
+        qidx = sampler.next_step()                                                     # this rank's questions
         items = [dataset[i] for i in qidx]
-        if name == "onpolicy":
-            items = rollout(items)
-
-        # N_seq over the whole step and all ranks: the one normaliser of the loss (eq. 6).
-        local = sum(r > 0 for it in items for r in it["rewards"]) if name == "sft" else len(items) * G
-        seq_count = torch.tensor([float(local)], dtype=torch.float64)
-        dist.all_reduce(seq_count)
-        num_seqs = max(seq_count.item(), 1.0)
-        # The rank's groups as rows [B_rank, T]; advantages need whole groups, so they are computed here,
-        # before the rows are split into micro-batches of `micro_batch_size` sequences. Micro-batches take
-        # the rows in length order (less padding; the loss is a sum over rows, so any split is the same).
-        full = data.collate(items, tokenizer.pad_token_id)
-        rewards_all = full["rewards"].to(d.device)                                # [B_rank]
-        if name == "sft":
-            adv_all = torch.zeros_like(rewards_all)                                # [B_rank]
+        if cfg.loss.name == "onpolicy":
+            items = rollout(cfg, d, model, tokenizer, items, step)
+        row = train_step(cfg, d, model, ref_model, ref_cache, optimizer, items, qidx,
+                         lr_at(step, cfg.optim, total_steps), tokenizer.pad_token_id)
+        if row.pop("finite"):
+            streak = 0
         else:
-            adv_all = L.group_advantages(rewards_all, G, scale_by_std=lc.scale_by_std,
-                                         all_positive_bias=lc.all_positive_bias)  # [B_rank]
-        row_q = [qi for qi in qidx for _ in range(G)]                              # question of each row
-        stats = torch.zeros(6, dtype=torch.float64)                # summed over micro-batches, then ranks
-        lengths = full["attention_mask"].sum(1)                                    # [B_rank]
-        by_length = torch.argsort(lengths, stable=True)                            # [B_rank]
-        for lo in range(0, len(row_q), cfg.train.micro_batch_size):
-            rows = by_length[lo:lo + cfg.train.micro_batch_size]                   # [b]
-            width = int(lengths[rows].max())                                       # trim shared padding
-            batch = {k: full[k][rows, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
-            mask = batch["loss_mask"][:, 1:].to(d.device)                          # [b, t]
-            rewards, adv = rewards_all[rows], adv_all[rows]                         # [b]
-            logp, entropy = logprobs(model, batch, entropy=True)                    # [b, t] each
-            ref_logp = None
-            if use_ref and ref_cache is not None:
-                ref_logp = torch.zeros_like(logp)                                   # [b, t]
-                for j, row in enumerate(rows.tolist()):
-                    cached = ref_cache(row_q[row])[row % G]                         # [T_q - 1]
-                    n = min(cached.shape[0], logp.shape[1])
-                    ref_logp[j, :n] = cached[:n].to(d.device)
-            elif use_ref:
-                with torch.no_grad():
-                    ref_logp = logprobs(ref_model, batch)                           # [b, t]
-            if name == "sft":
-                mask = mask * (rewards > 0).float()[:, None]                       # positive responses only
-                token_loss = L.sft_token_loss(logp, ref_logp=ref_logp, kl_coef=lc.kl_coef)
-            elif name == "offgrpo":
-                token_loss = L.off_policy_grpo_token_loss(logp, adv, clip_eps=lc.clip_eps, ref_logp=ref_logp,
-                                                          kl_coef=lc.kl_coef, luffy_gamma=lc.luffy_gamma)
-            else:  # one update per rollout batch, so the sampling policy is the current one
-                token_loss = L.on_policy_grpo_token_loss(logp, logp.detach(), adv, clip_eps=lc.clip_eps,
-                                                         ref_logp=ref_logp, kl_coef=lc.kl_coef)
-            loss = L.seq_mean_token_mean(token_loss, mask, num_seqs)
-            if lc.entropy_coef:
-                loss = loss - lc.entropy_coef * L.seq_mean_token_mean(entropy, mask, num_seqs)
-            loss.backward()
-            with torch.no_grad():  # sums over sequences of per-sequence means; divided by N_seq below
-                stats += torch.tensor([
-                    loss.item() * num_seqs,                                               # loss
-                    mask.sum().item(),                                                    # response tokens
-                    (adv * (mask.sum(1) > 0)).sum().item(),                               # advantage
-                    L.seq_mean_token_mean(L.kl_k3(logp, ref_logp), mask, 1).item() if use_ref else 0.0,
-                    L.seq_mean_token_mean(entropy, mask, 1).item(),                       # entropy
-                    rewards.sum().item(),                                                 # reward
-                ], dtype=torch.float64)
-        all_pos = sum(all(r > 0 for r in it["rewards"]) for it in items)
-        stats = torch.cat([stats, torch.tensor([float(all_pos), float(len(items))], dtype=torch.float64)])
-        if ref_model is not None:
-            ref_model.reshard()
-        dist.all_reduce(stats)
-        loss_sum, tokens, adv_sum, kl_sum, ent_sum, reward_sum, all_pos, n_q = stats.tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        step_loss = loss_sum / num_seqs
-        lr = lr_at(step, cfg.optim, total_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-            nonfinite_streak = 0
-        else:
-            nonfinite_streak += 1
-            nonfinite_total += 1
-            print0(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}; step skipped")
-            if nonfinite_streak >= cfg.train.max_nonfinite:
+            streak, nonfinite_total = streak + 1, nonfinite_total + 1
+            print0(f"step {step + 1}: non-finite loss {row['loss']} / grad norm {row['grad_norm']}; step skipped")
+            if streak >= cfg.train.max_nonfinite:
                 bar.close()  # so the message below is a line of its own
-                raise SystemExit(f"error: {nonfinite_streak} non-finite steps in a row (last at step {step + 1}); aborting")
-        optimizer.zero_grad(set_to_none=True)
+                raise SystemExit(f"error: {streak} non-finite steps in a row (last at step {step + 1}); aborting")
         step += 1
         seconds = time.time() - t0
-
-        # -----------------------------------------------------------------------------------------
-        # Logging, samples, checkpoints
-        # -----------------------------------------------------------------------------------------
         if d.rank == 0:
-            row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                   "seconds": seconds, "perf/tokens_per_second": tokens / max(seconds, 1e-9),
-                   "policy/adv_mean": adv_sum / num_seqs, "policy/kl_mean": kl_sum / num_seqs,
-                   "policy/entropy": ent_sum / num_seqs, "data/all_positive_share": all_pos / n_q,
-                   "data/reward_mean": reward_sum / (n_q * G), "data/epoch": sampler.progress,
-                   "loss/nonfinite_skipped": nonfinite_total}
+            row = {"step": step, **row, "seconds": seconds, "perf/tokens_per_second": row["tokens"] / max(seconds, 1e-9),
+                   "data/epoch": sampler.progress, "loss/nonfinite_skipped": nonfinite_total}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{step_loss:.4f}", gn=f"{grad_norm:.3f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
             bar.update(1)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-            if name == "onpolicy":  # the rollouts this step trained on
-                shown = [{"gold": it["gold"], "rewards": it["rewards"][:2], "texts": it["texts"][:2]} for it in items[:2]]
-            else:                   # a fresh greedy answer to this rank's first question (all ranks generate)
-                resp = mu.generate(model, tokenizer, [items[0]["prompt_ids"]], max_new_tokens=cfg.rollout.max_new_tokens,
-                                   temperature=0.0, top_p=1.0, seed=cfg.train.seed)
-                texts = tokenizer.batch_decode(resp, skip_special_tokens=True)
-                gold = items[0]["gold"]
-                shown = [{"gold": gold, "rewards": [reward.score(texts[0], gold) if gold is not None else 0.0],
-                          "texts": texts}]
-            if d.rank == 0:
-                with open(os.path.join(out, "samples.jsonl"), "a") as f:
-                    f.writelines(json.dumps({"step": step, **s}) + "\n" for s in shown)
-        flag = torch.tensor([float(stop_requested)])
+            write_samples(cfg, d, model, tokenizer, items, step)
+        flag = torch.tensor([float(stop["requested"])], device=d.device)                # [1]
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        stop = flag.item() > 0 or step == cfg.train.stop_after
-        if step % cfg.train.save_every == 0 or step == total_steps or stop:
-            save(step)
+        stopping = flag.item() > 0 or step == cfg.train.stop_after
+        if step % cfg.train.save_every == 0 or step == total_steps or stopping:
+            extra = {"step": step, "nonfinite_total": nonfinite_total, "sampler": sampler.state_dict()}
+            mu.save_state(os.path.join(cfg.output_dir, "ckpt"), step, model, optimizer, extra, dist=d,
+                          keep=cfg.train.keep_checkpoints)
         if cfg.train.hf_every and step % cfg.train.hf_every == 0:
-            mu.save_hf(model, tokenizer, os.path.join(out, "hf", f"step-{step}"), dist=d)
-        if stop:
+            mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", f"step-{step}"), dist=d)
+        if stopping:
             print0(f"{'SIGTERM' if flag.item() > 0 else 'train.stop_after'}: saved state at step {step}; exiting")
             mu.teardown_distributed()
             sys.exit(0)
     bar.close()
 
-    # -----------------------------------------------------------------------------------------
-    # Save: the final HF-format model
-    # -----------------------------------------------------------------------------------------
-    mu.save_hf(model, tokenizer, os.path.join(out, "hf", "final"), dist=d)
-    print0(f"done: {step} steps; model in {os.path.join(out, 'hf', 'final')}")
-    mu.teardown_distributed()
+
+def write_samples(cfg: Config, d, model, tokenizer, items: list[dict], step: int) -> None:
+    """samples.jsonl: on-policy, the rollouts this step trained on; otherwise a fresh greedy answer to this
+    rank's first question (all ranks generate; rank 0 writes its own)."""
+    if cfg.loss.name == "onpolicy":
+        shown = [{"gold": it["gold"], "rewards": it["rewards"][:2], "texts": it["texts"][:2]} for it in items[:2]]
+    else:
+        resp = mu.generate(model, tokenizer, [items[0]["prompt_ids"]], max_new_tokens=cfg.rollout.max_new_tokens,
+                           temperature=0.0, top_p=1.0, seed=cfg.train.seed,
+                           max_batch_tokens=cfg.rollout.max_batch_tokens)
+        texts = tokenizer.batch_decode(resp, skip_special_tokens=True)
+        gold = items[0]["gold"]
+        shown = [{"gold": gold, "rewards": [reward.score(texts[0], gold) if gold is not None else 0.0],
+                  "texts": texts}]
+    if d.rank == 0:
+        with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps({"step": step, **s}) + "\n" for s in shown)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,13 @@ def check_logprobs(d: mu.Dist, tmp: str):
     prompts = [[5, 6, 7, 8, 9][: 3 + d.rank], [10, 11]]
     out = mu.generate(model, Tok, prompts, max_new_tokens=4 + 2 * d.rank, temperature=0.0, top_p=1.0, seed=0)
     assert_sharded(model)
+    # rank 0: one call for both prompts; the last rank: a KV budget of one sequence per call (two calls, no
+    # collective between them); the same greedy answers
+    budget = 1 if d.rank == d.world_size - 1 else 2**62
+    chunked = mu.generate(model, Tok, prompts, max_new_tokens=4 + 2 * d.rank, temperature=0.0, top_p=1.0, seed=0,
+                          max_batch_tokens=budget)
+    assert chunked == out, (chunked, out)
+    assert_sharded(model)
     for p, o in zip(prompts, out):
         expect = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                               max_new_tokens=4 + 2 * d.rank, do_sample=False, eos_token_id=2, pad_token_id=0)

@@ -1,5 +1,5 @@
-"""Tests for data.py: reading curated records, sampling weights, tokenisation mask, collate, GroupSampler.
-(Curation: tests/test_curate.py.)"""
+"""Tests for data.py: reading curated records, sampling weights, tokenisation mask, collate, draw_questions,
+GroupSampler. (Curation: tests/test_curate.py.)"""
 import json
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import synthetic
-from data import DataError, GroupDataset, GroupSampler, collate, read_records, sampling_weights
+from data import DataError, GroupDataset, GroupSampler, collate, draw_questions, read_records, sampling_weights
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -76,10 +76,11 @@ def test_group_dataset_mask_and_drops(tokenizer):
     recs = [record(0, ["Think. \\boxed{0}", "x" * 60, "short \\boxed{1}", "third"], [1.0, 0.0, 0.0, 1.0]),
             record(1, ["y" * 60, "ok", "z" * 70], [0.0, 1.0, 1.0]),
             record(2, ["r1", "r2"], [1.0, 0.0])]
-    ds = GroupDataset(recs, tokenizer, group_size=2, max_len=60)
+    ds = GroupDataset(recs, tokenizer, group_size=2, max_len=60, overlong="drop")
     assert len(ds) == 2 and [r["id"] for r in ds.records] == ["q0", "q2"]
     assert ds.report == {"questions_in": 3, "questions_kept": 2, "questions_dropped_too_few_fit": 1,
-                         "responses_in": 9, "responses_dropped_too_long": 3}
+                         "responses_in": 9, "responses_dropped_too_long": 3, "responses_truncated": 0,
+                         "responses_dropped_prompt_too_long": 0}
     item = ds[0]
     assert item["rewards"] == [1.0, 0.0] and item["question_id"] == "q0" and item["gold"] == "0"
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": recs[0]["question"]}],
@@ -93,6 +94,30 @@ def test_group_dataset_mask_and_drops(tokenizer):
         assert tokenizer.decode(ids) == tokenizer.decode(prompt) + resp + eot
     # q0 kept its 1st and 3rd responses (the 2nd is too long); q1 has only 1 fitting response -> dropped
     assert ds[1]["question_id"] == "q2" and ds[1]["rewards"] == [1.0, 0.0]
+
+
+def test_overlong_traces_are_truncated_by_default(tokenizer):
+    """truncate: the first max_len tokens, loss on the kept response tokens, reward unchanged, counted; a prompt
+    that leaves no response token is dropped and counted; drop keeps the old rule; anything else is refused."""
+    long = "step " * 40 + "\\boxed{2}"
+    recs = [record(1, ["ok \\boxed{2}", long, "fine"], [1.0, 1.0, 0.0])]
+    ds = GroupDataset(recs, tokenizer, group_size=3, max_len=60)
+    assert len(ds) == 1 and ds.report["responses_truncated"] == 1 and ds.report["responses_dropped_too_long"] == 0
+    item = ds[0]
+    assert item["rewards"] == [1.0, 1.0, 0.0]  # graded on the whole trace
+    prompt = item["prompt_ids"]
+    ids, mask = item["input_ids"][1], item["loss_mask"][1]
+    assert len(ids) == len(mask) == 60
+    assert mask == [0] * len(prompt) + [1] * (60 - len(prompt))
+    full = tokenizer.apply_chat_template([[{"role": "user", "content": recs[0]["question"]},
+                                           {"role": "assistant", "content": long}]], tokenize=True)["input_ids"][0]
+    assert ids == list(full[:60])  # the trace's first max_len tokens, no end-of-turn
+    dropped = GroupDataset(recs, tokenizer, group_size=3, max_len=60, overlong="drop")
+    assert len(dropped) == 0 and dropped.report["responses_dropped_too_long"] == 1
+    tiny = GroupDataset(recs, tokenizer, group_size=1, max_len=len(prompt))  # no room for any response token
+    assert len(tiny) == 0 and tiny.report["responses_dropped_prompt_too_long"] == 3
+    with pytest.raises(ValueError, match="overlong must be truncate or drop"):
+        GroupDataset(recs, tokenizer, group_size=1, max_len=60, overlong="cut")
 
 
 def test_collate_shapes_and_alignment(tokenizer):
@@ -111,6 +136,33 @@ def test_collate_shapes_and_alignment(tokenizer):
         assert (batch["input_ids"][b, len(ids):] == tokenizer.pad_token_id).all()
         assert batch["attention_mask"][b].tolist() == [1] * len(ids) + [0] * (T - len(ids))
         assert batch["loss_mask"][b].tolist() == [float(x) for x in m] + [0.0] * (T - len(ids))
+
+
+# --------------------------------------------------------------------------- draw_questions
+
+def test_draw_questions_subset():
+    weights = [float(w) for w in range(10)]  # question i has weight i; question 0 can never be drawn
+    d = draw_questions(10, 3, seed=5, weights=weights)
+    assert len(set(d)) == 3 and d == sorted(d) and all(isinstance(i, int) and 1 <= i <= 9 for i in d)
+    assert draw_questions(10, 3, seed=5, weights=weights) == d  # same seed, same subset (no rank involved)
+    assert any(draw_questions(10, 3, seed=s, weights=weights) != d for s in range(6, 9))
+    freq = np.zeros(10)
+    for seed in range(2000):
+        freq[draw_questions(10, 3, seed=seed, weights=weights)] += 1 / 2000
+    assert freq[0] == 0 and freq.sum() == pytest.approx(3)
+    assert freq[8] > freq[1] + 0.3  # about 0.49 vs 0.08
+    assert all(freq[i + 1] > freq[i] - 0.03 for i in range(9))  # rises with the weight (sampling noise ~0.01)
+    freq = np.zeros(10)
+    for seed in range(2000):
+        freq[draw_questions(10, 3, seed=seed)] += 1 / 2000
+    np.testing.assert_allclose(freq, 0.3, atol=0.05)  # None = uniform
+    assert sorted(draw_questions(4, 4, seed=0)) == [0, 1, 2, 3]
+    with pytest.raises(DataError, match=r"num_questions 9 not in \[1, 8\]"):
+        draw_questions(10, 9, seed=0, weights=[0.0, 0.0] + [1.0] * 8)
+    with pytest.raises(DataError, match=r"num_questions 11 not in \[1, 10\]"):
+        draw_questions(10, 11, seed=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        draw_questions(3, 1, seed=0, weights=[1.0, -1.0, 1.0])
 
 
 # --------------------------------------------------------------------------- GroupSampler

@@ -87,3 +87,34 @@ def test_trim_response_keeps_eos_and_drops_padding():
     assert mu._trim_response([5, 6, 2, 0, 0], eos_id=2) == [5, 6, 2]
     assert mu._trim_response([5, 2, 2, 2], eos_id=2) == [5, 2]        # pad == eos (no pad token)
     assert mu._trim_response([5, 0, 7], eos_id=2) == [5, 0, 7]        # ran out of tokens: kept whole
+
+
+def test_generation_chunks_respect_the_kv_budget():
+    """rows x (longest prompt of the call + new tokens) <= budget; a row over the budget goes alone."""
+    assert mu.generation_chunks([10, 10, 10, 10], 10, 40) == [slice(0, 2), slice(2, 4)]
+    assert mu.generation_chunks([10, 30, 5], 10, 60) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert mu.generation_chunks([100], 10, 5) == [slice(0, 1)]
+    assert mu.generation_chunks([3] * 7, 1, 2**62) == [slice(0, 7)]
+    for lengths, new, budget in [([5, 9, 2, 7, 7, 1], 4, 30), ([1] * 9, 2, 6)]:
+        chunks = mu.generation_chunks(lengths, new, budget)
+        assert [i for c in chunks for i in range(len(lengths))[c]] == list(range(len(lengths)))
+        assert all((c.stop - c.start) * (max(lengths[c]) + new) <= budget for c in chunks)
+
+
+def test_setup_distributed_on_cuda_asks_for_a_group_that_serves_cpu_tensors_too(monkeypatch):
+    """NCCL serves only CUDA tensors; on a GPU node the default group must also have a CPU (gloo) backend and
+    the configured timeout. (Failed before: the group was plain "nccl" with NCCL's default timeout.)"""
+    import datetime
+    asked = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: asked.update(set_device=dev))
+    monkeypatch.setattr(mu.tdist, "init_process_group", lambda backend, **kw: asked.update(backend=backend, **kw))
+    monkeypatch.setattr(mu, "init_device_mesh", lambda device_type, shape: (device_type, shape))
+    for k, v in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS", raising=False)
+    d = mu.setup_distributed(timeout_s=5400)
+    assert set(asked["backend"].split(",")) == {"cpu:gloo", "cuda:nccl"}
+    assert asked["device_id"] == torch.device("cuda", 3) == asked["set_device"] == d.device
+    assert asked["timeout"] == datetime.timedelta(seconds=5400)
+    assert (d.rank, d.world_size, d.mesh) == (3, 8, ("cuda", (8,)))

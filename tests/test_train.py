@@ -182,6 +182,23 @@ def test_bias05_same_losses_on_1_and_2_ranks_and_micro_batches(lab):
     assert_same_weights(one / "hf" / "final", two / "hf" / "final", atol=1e-5)
 
 
+@pytest.mark.parametrize("agg", [{"agg": "token-mean", "kl_clamp": 0.01},
+                                 {"agg": "seq-mean-token-sum-norm", "agg_len": 300}])
+def test_other_aggregations_same_losses_on_1_and_2_ranks_and_micro_batches(lab, agg):
+    """token-mean (DAPO) and seq-mean-token-sum-norm (Dr.GRPO) normalise by global counts too: the step's loss
+    and gradient do not depend on world size or micro-batch size; and they are other losses than eq. 6's."""
+    one = run_train(lab["root"] / f"agg1-{agg['agg']}", grpo_config(lab, "x", loss=agg), nproc=1)
+    two = run_train(lab["root"] / f"agg2-{agg['agg']}", grpo_config(lab, "x", loss=agg, micro_batch_size=3), nproc=2)
+    m1, m2 = metrics(one), metrics(two)
+    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-5, abs=1e-7)
+    assert [m["grad_norm"] for m in m1] == pytest.approx([m["grad_norm"] for m in m2], rel=1e-5)
+    assert_same_weights(one / "hf" / "final", two / "hf" / "final", atol=1e-5)
+    default = metrics(run_train(lab["root"] / "agg-default", grpo_config(lab, "x"), nproc=1))
+    # (the tiny lab's responses of one question are often equally long, where token-mean equals eq. 6: the clamp
+    # then makes the difference from step 2 on)
+    assert [m["grad_norm"] for m in m1] != pytest.approx([m["grad_norm"] for m in default], rel=1e-3)
+
+
 def test_resume_gives_the_losses_of_the_uninterrupted_run(lab):
     cfg = grpo_config(lab, "x", max_steps=5, save_every=1)
     full = run_train(lab["root"] / "full", cfg, nproc=2)
@@ -264,3 +281,35 @@ if d.rank == 0:
                "moved_from_base": (exported - start).abs().max().item()}, open(result, "w"))
 mu.teardown_distributed()
 '''
+
+
+def test_cached_reference_on_changed_data_is_refused_on_resume_and_recomputed_before_the_first_step(lab, tmp_path):
+    """The ref_logprobs/ cache carries a fingerprint of its inputs. Resumed (the policy has moved) on changed
+    data: one line naming what changed, non-zero exit. Before the first update (no checkpoint): a fresh cache, the
+    same losses as a run that never had the stale one."""
+    import shutil
+    data_path = tmp_path / "teacher.jsonl"
+    shutil.copy(lab["data"] / "teacher.jsonl", data_path)
+    cfg = grpo_config(lab, "x", loss={"ref_logprobs": "cached"}, max_steps=2, save_every=1)
+    cfg["data"]["train_path"] = str(data_path)
+    out = tmp_path / "run"
+    run_train(out, cfg, nproc=2, extra=["train.stop_after=1"])
+    lines = data_path.read_text().splitlines(keepends=True)
+    data_path.write_text("".join(lines[1:]))  # another data file: the first question is gone
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**cfg, "output_dir": str(out)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           str(tmp_path / "run.yaml")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "]: Traceback" not in proc.stderr, proc.stderr[-3000:]  # (the ranks print one
+    # line each; torchrun's own failure summary has a traceback of its own)
+    line = next(x for x in proc.stderr.splitlines() if "cached reference log-probs" in x)
+    assert line.startswith("error: resuming at step 1, but the cached reference log-probs")
+    assert line.endswith("made from other inputs (data_sha256 changed); the policy has moved, so they cannot be "
+                         "recomputed: start a fresh output_dir")  # only what changed is named
+    shutil.rmtree(out / "ckpt")
+    (out / "metrics.jsonl").unlink()
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "was made from other inputs; recomputing" in proc.stdout
+    fresh = run_train(tmp_path / "fresh", cfg, nproc=2)
+    assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(fresh)], rel=1e-6)
