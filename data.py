@@ -276,6 +276,11 @@ class GroupDataset:
     def __len__(self):
         return len(self.items)
 
+    def keep(self, indices):
+        """Restrict the dataset to the questions at `indices` (data.num_questions' subset), in that order."""
+        self.items = [self.items[i] for i in indices]
+        self.report["questions_drawn"] = len(self.items)
+
     def __getitem__(self, i):
         rec, prompt_len, seqs, rewards = self.items[i]
         return dict(input_ids=[s.tolist() for s in seqs],

@@ -73,6 +73,9 @@ class DataConfig:
     agreement_weights: dict | None = None  # {agreement bucket lower edge: weight}; None = uniform
     difficulty_weights: dict | None = None  # {source difficulty: weight}; None = uniform
     pass_rates: str | None = None         # JSON {question_id: student pass rate} for edge-of-competence weights
+    num_questions: int | None = None      # draw this many questions by the weights (without replacement, seeded)
+                                          # and run plain epochs over them (the blog: ~2,000); None = every question,
+                                          # the weights then set each epoch's order and leave weight-0 ones out
 
 
 @dataclass
@@ -252,6 +255,7 @@ def validate(cfg: Config) -> None:
          "loss.agg_len is the budget of loss.agg=seq-mean-token-sum-norm: set it with that mode and only then")
     need(cfg.loss.agg_len is None or cfg.loss.agg_len >= 1, "loss.agg_len must be >= 1")
     need(cfg.loss.kl_clamp is None or cfg.loss.kl_clamp > 0, "loss.kl_clamp must be > 0 or null")
+    need(cfg.data.num_questions is None or cfg.data.num_questions >= 1, "data.num_questions must be >= 1 or null")
     need(cfg.data.overlong in ("truncate", "drop"), f"data.overlong must be truncate or drop, got {cfg.data.overlong!r}")
     need(cfg.rollout.max_batch_tokens >= 1, "rollout.max_batch_tokens must be >= 1")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
@@ -364,13 +368,31 @@ def build_data(cfg: Config, d, tokenizer):
     if cfg.data.agreement_weights or cfg.data.difficulty_weights or pass_rates:
         weights = data.sampling_weights(dataset.records, agreement_weights=cfg.data.agreement_weights,
                                         difficulty_weights=cfg.data.difficulty_weights, pass_rates=pass_rates)
+    if cfg.data.num_questions:  # the blog's protocol: K questions drawn by the weights, then plain epochs over them
+        chosen = data.draw_questions(len(dataset), cfg.data.num_questions, seed=cfg.train.seed, weights=weights)
+        if d.rank == 0:
+            write_questions(cfg, dataset, chosen, weights)
+        dataset.keep(chosen)
+        weights = None
+        print0(f"data: drew {len(dataset)} questions (data.num_questions), written to questions.jsonl")
     Q = cfg.train.questions_per_step
     if Q % d.world_size:
         raise SystemExit(f"config error: train.questions_per_step={Q} must be divisible by world size {d.world_size}")
     sampler = data.GroupSampler(len(dataset), Q, rank=d.rank, world_size=d.world_size,
                                 seed=cfg.train.seed, weights=weights)
-    total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * len(dataset) / Q)
+    per_epoch = len(dataset) if weights is None else sum(w > 0 for w in weights)  # an epoch skips weight 0
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * per_epoch / Q)
     return dataset, sampler, total
+
+
+def write_questions(cfg: Config, dataset, chosen: list[int], weights) -> None:
+    """<output_dir>/questions.jsonl: the drawn subset, one line per question (id, weight, agreement, difficulty)."""
+    with open(os.path.join(cfg.output_dir, "questions.jsonl"), "w") as f:
+        records = dataset.records
+        for i in chosen:
+            rec = records[i]
+            f.write(json.dumps({"id": rec["id"], "weight": 1.0 if weights is None else weights[i],
+                                "agreement": rec["agreement"], "difficulty": rec["difficulty"]}) + "\n")
 
 
 # --------------------------------------------------------------------------- models
@@ -435,10 +457,11 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def ref_fingerprint(cfg: Config, d, tokenizer) -> dict:
-    """What the cached log-probs depend on: the data file's contents, how it is tokenised and cut, the
-    reference model's identity (config.json contents + weight files' names, sizes and mtimes: hashing 15 GB
-    of weights at every start would cost minutes) and the world size (the cache is sharded by rank)."""
+def ref_fingerprint(cfg: Config, d, tokenizer, dataset) -> dict:
+    """What the cached log-probs depend on: the data file's contents, the questions kept (cache keys are their
+    indices), how they are tokenised and cut, the reference model's identity (config.json contents + weight
+    files' names, sizes and mtimes: hashing 15 GB of weights at every start would cost minutes) and the world
+    size (the cache is sharded by rank)."""
     tok = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template], sort_keys=True)
     if cfg.model.path is not None:
         files = sorted(f for f in os.listdir(cfg.model.path) if f.endswith((".safetensors", ".json")))
@@ -448,7 +471,9 @@ def ref_fingerprint(cfg: Config, d, tokenizer) -> dict:
                     "config_sha256": _sha256_file(os.path.join(cfg.model.path, "config.json"))}
     else:
         model_id = {"init_config": cfg.model.init_config, "seed": cfg.train.seed}
+    ids = json.dumps([rec["id"] for rec in dataset.records])  # the questions trained on (subset, drops), in order
     fingerprint = {"data_sha256": _sha256_file(cfg.data.train_path), "max_len": cfg.data.max_len,
+                   "questions_sha256": hashlib.sha256(ids.encode()).hexdigest(),
                    "group_size": cfg.data.group_size, "overlong": cfg.data.overlong,
                    "tokenizer_sha256": hashlib.sha256(tok.encode()).hexdigest(), "model": model_id,
                    "world_size": d.world_size}
@@ -480,7 +505,7 @@ def reference_prepass(cfg: Config, d, model, dataset, tokenizer, step: int) -> "
     step's memory, not a whole padded group); rank r takes questions r::world and writes rank<r>.safetensors
     (one tensor per response, exactly its length - 1), then fingerprint.json and COMPLETE (the commit)."""
     cache_dir = os.path.join(cfg.output_dir, "ref_logprobs")
-    decision = [ref_fingerprint(cfg, d, tokenizer), None] if d.rank == 0 else [None, None]
+    decision = [ref_fingerprint(cfg, d, tokenizer, dataset), None] if d.rank == 0 else [None, None]
     if d.rank == 0:
         decision[1] = _cache_action(cache_dir, decision[0], step)
         if decision[1] == "compute":

@@ -313,3 +313,21 @@ def test_cached_reference_on_changed_data_is_refused_on_resume_and_recomputed_be
     assert "was made from other inputs; recomputing" in proc.stdout
     fresh = run_train(tmp_path / "fresh", cfg, nproc=2)
     assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(fresh)], rel=1e-6)
+
+
+def test_num_questions_draws_a_subset_and_sets_the_step_count(lab):
+    """data.num_questions: K questions drawn by the weights (the same on 1 and 2 ranks), written to
+    questions.jsonl; epochs run over the subset, so steps = ceil(epochs * K / questions_per_step)."""
+    records = [json.loads(line) for line in open(lab["data"] / "teacher.jsonl")]
+    cfg = grpo_config(lab, "x", epochs=1.5, max_steps=-1)
+    cfg["data"]["num_questions"] = 6
+    cfg["data"]["agreement_weights"] = {0.0: 1.0, 0.99: 0.0}  # unanimous questions: weight 0, never drawn
+    one = run_train(lab["root"] / "subset1", cfg, nproc=1)
+    two = run_train(lab["root"] / "subset2", cfg, nproc=2)
+    drawn = [json.loads(line) for line in open(one / "questions.jsonl")]
+    assert drawn == [json.loads(line) for line in open(two / "questions.jsonl")]
+    assert len(drawn) == 6 == len({q["id"] for q in drawn})
+    by_id = {r["id"]: r for r in records}
+    assert all(q["weight"] == 1.0 and by_id[q["id"]]["agreement"] < 0.99 for q in drawn)
+    assert [m["step"] for m in metrics(one)] == list(range(1, math.ceil(1.5 * 6 / 4) + 1))  # 3 steps
+    assert [m["loss"] for m in metrics(one)] == pytest.approx([m["loss"] for m in metrics(two)], rel=1e-5, abs=1e-7)
