@@ -331,7 +331,7 @@ def generate(model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: 
 
 
 # --------------------------------------------------------------------------- HF-format save
-def _replace_dir(tmp: str, out_dir: str) -> None:
+def replace_dir(tmp: str, out_dir: str) -> None:
     """Move tmp to out_dir; an existing out_dir is moved aside first and deleted only afterwards."""
     old = out_dir + ".old"
     shutil.rmtree(old, ignore_errors=True)
@@ -378,7 +378,7 @@ def save_hf(model, tokenizer, out_dir: str, *, dist: Dist, max_shard_bytes: int 
             gen.pad_token_id = tokenizer.pad_token_id
         gen.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     tdist.barrier()
 
 
@@ -448,7 +448,7 @@ def save_state(ckpt_root: str, step: int, model, optimizer, extra: dict, *, dist
     if dist.rank == 0:
         with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
             json.dump({"step": step, "world_size": dist.world_size}, f)
-        _replace_dir(tmp, final)  # the commit: one rename (a same-step final is moved aside, then deleted)
+        replace_dir(tmp, final)  # the commit: one rename (a same-step final is moved aside, then deleted)
         complete = _complete_states(ckpt_root)
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old[1])

@@ -38,9 +38,11 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import data
+import eval.math as eval_math
 import loss as L
 import model_utils as mu
 import reward
+from eval.metrics import summarize
 from model_utils import print0
 
 
@@ -134,6 +136,18 @@ class TrainConfig:
 
 
 @dataclass
+class ValidationConfig:                   # sampled validation during training (the blog: AIME24 every epoch)
+    data: str | None = None               # eval JSONL of problem/answer records, as eval.math reads
+    every_epochs: int = 0                 # validate after every N epochs (export hf/epoch-N, keep hf/best); 0 = off
+    n: int = 4                            # samples per problem (val/avg@n, pass@k, maj@n)
+    temperature: float = 0.6              # sampling temperature (0 = greedy)
+    top_p: float = 0.95                   # nucleus sampling
+    max_new_tokens: int = 32768           # response budget per sample
+    limit: int | None = None              # only the first L problems; None = all
+    instruction: bool = True              # append eval.math's boxed-answer instruction (false: bare problem)
+
+
+@dataclass
 class Config:
     output_dir: str = ""                  # everything this run writes
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +156,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 class ConfigError(Exception):
@@ -256,6 +271,12 @@ def validate(cfg: Config) -> None:
     need(cfg.loss.agg_len is None or cfg.loss.agg_len >= 1, "loss.agg_len must be >= 1")
     need(cfg.loss.kl_clamp is None or cfg.loss.kl_clamp > 0, "loss.kl_clamp must be > 0 or null")
     need(cfg.data.num_questions is None or cfg.data.num_questions >= 1, "data.num_questions must be >= 1 or null")
+    vc = cfg.validation
+    need(vc.every_epochs >= 0, "validation.every_epochs must be >= 0")
+    need(not vc.every_epochs or vc.data, "validation.every_epochs needs validation.data")
+    need(vc.n >= 1 and vc.temperature >= 0 and 0 < vc.top_p <= 1 and vc.max_new_tokens >= 1,
+         "validation: n >= 1, temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1")
+    need(vc.limit is None or vc.limit >= 1, "validation.limit must be >= 1 or null")
     need(cfg.data.overlong in ("truncate", "drop"), f"data.overlong must be truncate or drop, got {cfg.data.overlong!r}")
     need(cfg.rollout.max_batch_tokens >= 1, "rollout.max_batch_tokens must be >= 1")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
@@ -271,6 +292,8 @@ def validate_paths(cfg: Config) -> None:
     need(cfg.model.tokenizer is None or os.path.isdir(cfg.model.tokenizer), f"model.tokenizer not found: {cfg.model.tokenizer}")
     need(os.path.isfile(cfg.data.train_path), f"data.train_path not found: {cfg.data.train_path!r}")
     need(cfg.data.pass_rates is None or os.path.isfile(cfg.data.pass_rates), f"data.pass_rates not found: {cfg.data.pass_rates}")
+    need(not cfg.validation.every_epochs or os.path.isfile(cfg.validation.data),
+         f"validation.data not found: {cfg.validation.data!r}")
     need(cfg.loss.luffy_gamma is None or cfg.loss.clip_eps is None,
          "loss.luffy_gamma replaces the clip: set loss.clip_eps=null with it")
     need(cfg.train.questions_per_step >= 1 and cfg.train.micro_batch_size >= 1, "batch sizes must be >= 1")
@@ -708,10 +731,14 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
 def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop: dict, *,
                step: int, total_steps: int, nonfinite_total: int) -> None:
     """Optimizer steps until total_steps: draw the step's questions, roll out (on-policy), train_step, log,
-    samples, checkpoints. A non-finite step is skipped; max_nonfinite in a row abort. SIGTERM (any rank) or
+    samples, validation at the end of every validation.every_epochs-th epoch, checkpoints. A non-finite step is skipped; max_nonfinite in a row abort. SIGTERM (any rank) or
     train.stop_after: every rank saves at the same step and exits 0."""
     streak = 0
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    val_records = None
+    if cfg.validation.every_epochs:
+        val_records = eval_math.load_records(cfg.validation.data, cfg.validation.limit)
+    validated = int(sampler.progress)  # epochs done at the resumed step were validated before its save
     bar = tqdm(total=total_steps, initial=step, desc=cfg.loss.name, disable=d.rank != 0, dynamic_ncols=True)
     while step < total_steps:
         t0 = time.time()
@@ -740,6 +767,10 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             bar.update(1)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0:
             write_samples(cfg, d, model, tokenizer, items, step)
+        epochs_done = int(sampler.progress)
+        if val_records and epochs_done > validated and epochs_done % cfg.validation.every_epochs == 0:
+            validate_epoch(cfg, d, model, tokenizer, val_records, epoch=epochs_done, step=step)
+        validated = epochs_done
         flag = torch.tensor([float(stop["requested"])], device=d.device)                # [1]
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         stopping = flag.item() > 0 or step == cfg.train.stop_after
@@ -754,6 +785,50 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             mu.teardown_distributed()
             sys.exit(0)
     bar.close()
+
+
+# --------------------------------------------------------------------------- validation
+
+def validate_epoch(cfg: Config, d, model, tokenizer, records: list[dict], *, epoch: int, step: int) -> None:
+    """After epoch `epoch`: every rank samples validation.n answers to its share of the problems (r::world,
+    mu.generate: collective-free decoding), grades them with eval.math.grade; rank 0 summarises them
+    (eval.metrics.summarize), logs a metrics row with val/ keys, and -- after the hf/epoch-N export --
+    copies that export to hf/best with best.json when its val/avg@n beats the best so far (ties: earlier)."""
+    vc = cfg.validation
+    instruction = eval_math.BOXED_INSTRUCTION if vc.instruction else ""
+    mine = records[d.rank::d.world_size]
+    prompt_ids = [tokenizer(eval_math.build_prompt(tokenizer, rec["problem"], instruction),
+                            add_special_tokens=False)["input_ids"] for rec in mine]
+    responses = mu.generate(model, tokenizer, [p for p in prompt_ids for _ in range(vc.n)],
+                            max_new_tokens=vc.max_new_tokens, temperature=vc.temperature, top_p=vc.top_p,
+                            seed=cfg.train.seed * 1_000_003 + epoch * 7919 + d.rank,
+                            max_batch_tokens=cfg.rollout.max_batch_tokens)
+    samples = []
+    for i, resp in enumerate(responses):
+        done = tokenizer.eos_token_id in resp
+        text = tokenizer.decode(resp, skip_special_tokens=True)
+        samples.append(eval_math.grade(mine[i // vc.n], i % vc.n, text, len(resp), not done))
+    gathered = [None] * d.world_size
+    dist.all_gather_object(gathered, samples)
+    epoch_dir = os.path.join(cfg.output_dir, "hf", f"epoch-{epoch}")
+    mu.save_hf(model, tokenizer, epoch_dir, dist=d)
+    if d.rank == 0:
+        summary = summarize([s for part in gathered for s in part])
+        scores = {f"val/{k}": v for k, v in summary.items() if k.startswith(("avg@", "pass@", "maj@"))}
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "val/epoch": epoch, **scores}) + "\n")
+        print0(f"validation after epoch {epoch} (step {step}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        best_path = os.path.join(cfg.output_dir, "best.json")
+        best = json.load(open(best_path)) if os.path.exists(best_path) else None
+        if best is None or scores["val/avg@n"] > best["scores"]["val/avg@n"] or best["epoch"] == epoch:
+            best_dir = os.path.join(cfg.output_dir, "hf", "best")
+            shutil.rmtree(best_dir + ".tmp", ignore_errors=True)
+            shutil.copytree(epoch_dir, best_dir + ".tmp")
+            mu.replace_dir(best_dir + ".tmp", best_dir)
+            with open(best_path + ".tmp", "w") as f:
+                json.dump({"epoch": epoch, "step": step, "scores": scores}, f)
+            os.replace(best_path + ".tmp", best_path)  # (a kill between the two: the resumed run repeats this)
+    dist.barrier()
 
 
 def write_samples(cfg: Config, d, model, tokenizer, items: list[dict], step: int) -> None:

@@ -331,3 +331,35 @@ def test_num_questions_draws_a_subset_and_sets_the_step_count(lab):
     assert all(q["weight"] == 1.0 and by_id[q["id"]]["agreement"] < 0.99 for q in drawn)
     assert [m["step"] for m in metrics(one)] == list(range(1, math.ceil(1.5 * 6 / 4) + 1))  # 3 steps
     assert [m["loss"] for m in metrics(one)] == pytest.approx([m["loss"] for m in metrics(two)], rel=1e-5, abs=1e-7)
+
+
+def test_validation_each_epoch_exports_epochs_keeps_the_best_and_survives_a_resume(lab):
+    """validation.every_epochs=1 over 2 epochs: val/ rows, hf/epoch-1 and hf/epoch-2, hf/best a copy of the
+    epoch with the highest val/avg@n (the earlier on a tie) and best.json; stopped in epoch 2 and resumed,
+    the same rows, exports and best."""
+    cfg = grpo_config(lab, "x", epochs=2, max_steps=-1, save_every=1)
+    cfg["data"]["num_questions"] = 8  # 2 steps per epoch
+    cfg["validation"] = {"data": str(lab["data"] / "eval_id.jsonl"), "every_epochs": 1, "n": 2,
+                         "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "instruction": False}
+    full = run_train(lab["root"] / "val_full", cfg, nproc=2)
+    rows = metrics(full)
+    val = [r for r in rows if "val/epoch" in r]
+    assert [(r["val/epoch"], r["step"]) for r in val] == [(1, 2), (2, 4)]
+    assert all({"val/avg@n", "val/pass@1", "val/pass@2", "val/maj@n"} <= set(r) for r in val)
+    best = json.loads((full / "best.json").read_text())
+    scores = [r["val/avg@n"] for r in val]
+    assert best["epoch"] == 1 + scores.index(max(scores)) and best["scores"]["val/avg@n"] == max(scores)
+    assert best["step"] == 2 * best["epoch"]
+    assert_same_weights(full / "hf" / "best", full / "hf" / f"epoch-{best['epoch']}", atol=0)
+    with pytest.raises(AssertionError):  # the two epochs' exports differ (training moved the policy)
+        assert_same_weights(full / "hf" / "epoch-1", full / "hf" / "epoch-2", atol=1e-7)
+    assert_same_weights(full / "hf" / "epoch-2", full / "hf" / "final", atol=0)
+    part = lab["root"] / "val_part"
+    run_train(part, cfg, nproc=2, extra=["train.stop_after=3"])
+    assert [r["val/epoch"] for r in metrics(part) if "val/epoch" in r] == [1]
+    run_train(part, cfg, nproc=2)
+    assert metrics(part)[-1]["step"] == 4
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "perf/tokens_per_second")} for r in rs]
+    assert strip(metrics(part)) == strip(rows)
+    assert json.loads((part / "best.json").read_text()) == best
+    assert_same_weights(part / "hf" / "best", full / "hf" / "best", atol=0)
