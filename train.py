@@ -13,12 +13,14 @@ One optimizer step:
   4. per micro-batch: logp by the fused lm_head+log-softmax (fused_logprob.py), ref_logp (live model
      or cached pre-pass) for the k3 KL, advantages per group, the per-token loss (loss.py), backward;
   5. clip the grad norm, AdamW step, warmup + cosine; a non-finite loss or grad norm skips the step;
-  6. log metrics.jsonl, save resumable state (ckpt/) and HF exports (hf/step-N, hf/final).
+  6. log metrics.jsonl, save resumable state (ckpt/) and HF exports (hf/step-N, hf/final);
+  7. after every validation.every_epochs-th epoch: sample and grade the validation set on all ranks, log val/
+     rows, export hf/epoch-N and keep the best epoch in hf/best (best.json).
+Before the loop: data.num_questions draws the question subset; the cached reference pre-pass (reference.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -32,8 +34,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -41,6 +41,7 @@ import data
 import eval.math as eval_math
 import loss as L
 import model_utils as mu
+import reference
 import reward
 from eval.metrics import summarize
 from model_utils import print0
@@ -341,12 +342,13 @@ def run(cfg: Config) -> None:
     dataset, sampler, total_steps = build_data(cfg, d, tokenizer)
     model, ref_model, optimizer = build_models(cfg, d)
     print0(f"model: {mu.num_params(model) / 1e6:.2f}M params, world {d.world_size}, {total_steps} steps")
-    step, nonfinite_total = resume(cfg, d, model, optimizer, sampler)
+    step, nonfinite_total, validated = resume(cfg, d, model, optimizer, sampler)
     ref_cache = None
     if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached":
-        ref_cache = reference_prepass(cfg, d, model, dataset, tokenizer, step)
+        ref_cache = reference.prepare(cfg, d, lambda batch: logprobs(cfg, d, model, batch), dataset, tokenizer,
+                                      step)
     train_loop(cfg, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop,
-               step=step, total_steps=total_steps, nonfinite_total=nonfinite_total)
+               step=step, total_steps=total_steps, nonfinite_total=nonfinite_total, validated=validated)
     mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", "final"), dist=d)
     print0(f"done: {total_steps} steps; model in {os.path.join(cfg.output_dir, 'hf', 'final')}")
     mu.teardown_distributed()
@@ -446,150 +448,28 @@ def logprobs(cfg: Config, d, model, batch, entropy=False):
 
 # --------------------------------------------------------------------------- resume
 
-def resume(cfg: Config, d, model, optimizer, sampler) -> tuple[int, int]:
+def resume(cfg: Config, d, model, optimizer, sampler) -> tuple[int, int, int]:
     """Newest complete state under ckpt/ (model, optimizer, sampler, RNG, step) when train.resume=auto;
-    metrics.jsonl rows of steps that will be re-run are dropped. Returns (step, non-finite steps so far)."""
+    metrics.jsonl rows of steps (and validations) that will be re-run are dropped. Returns (step, non-finite
+    steps so far, epochs validated)."""
     latest = mu.latest_state(os.path.join(cfg.output_dir, "ckpt")) if cfg.train.resume == "auto" else None
-    step, nonfinite_total = 0, 0
+    step, nonfinite_total, validated = 0, 0, 0
     if latest is not None:
         try:
             extra = mu.load_state(latest, model, optimizer, dist=d)
         except ValueError as e:  # e.g. saved with another world size
             raise SystemExit(f"error: cannot resume from {latest}: {e}") from None
-        step, nonfinite_total = extra["step"], extra["nonfinite_total"]
+        step, nonfinite_total, validated = extra["step"], extra["nonfinite_total"], extra["validated_epochs"]
         sampler.load_state_dict(extra["sampler"])
         print0(f"resumed from {latest} at step {step}")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if d.rank == 0 and os.path.exists(metrics_path):
         with open(metrics_path) as f:  # (a last line torn by a kill has no newline: dropped as well)
-            kept = [line for line in f if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= step]
+            rows = [(line, json.loads(line)) for line in f if line.strip() and line.endswith("\n")]
+        kept = [line for line, r in rows if r["step"] <= step and r.get("val/epoch", 0) <= validated]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    return step, nonfinite_total
-
-
-# --------------------------------------------------------------------------- cached reference log-probs
-# Off-policy data is fixed, so log pi_ref of every teacher token is computed once, before the first update
-# (the policy IS the reference then), and no reference model is held during training.
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def ref_fingerprint(cfg: Config, d, tokenizer, dataset) -> dict:
-    """What the cached log-probs depend on: the data file's contents, the questions kept (cache keys are their
-    indices), how they are tokenised and cut, the reference model's identity (config.json contents + weight
-    files' names, sizes and mtimes: hashing 15 GB of weights at every start would cost minutes) and the world
-    size (the cache is sharded by rank)."""
-    tok = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template], sort_keys=True)
-    if cfg.model.path is not None:
-        files = sorted(f for f in os.listdir(cfg.model.path) if f.endswith((".safetensors", ".json")))
-        stats = [(f, os.stat(os.path.join(cfg.model.path, f)).st_size,
-                  os.stat(os.path.join(cfg.model.path, f)).st_mtime_ns) for f in files]
-        model_id = {"path": os.path.abspath(cfg.model.path), "files": stats,
-                    "config_sha256": _sha256_file(os.path.join(cfg.model.path, "config.json"))}
-    else:
-        model_id = {"init_config": cfg.model.init_config, "seed": cfg.train.seed}
-    ids = json.dumps([rec["id"] for rec in dataset.records])  # the questions trained on (subset, drops), in order
-    fingerprint = {"data_sha256": _sha256_file(cfg.data.train_path), "max_len": cfg.data.max_len,
-                   "questions_sha256": hashlib.sha256(ids.encode()).hexdigest(),
-                   "group_size": cfg.data.group_size, "overlong": cfg.data.overlong,
-                   "tokenizer_sha256": hashlib.sha256(tok.encode()).hexdigest(), "model": model_id,
-                   "world_size": d.world_size}
-    return json.loads(json.dumps(fingerprint))  # as fingerprint.json reads back (tuples -> lists)
-
-
-def _cache_action(cache_dir: str, fingerprint: dict, step: int) -> str:
-    """"reuse" a complete cache made from these inputs; "compute" it (before the first update only); or an
-    error line: an incomplete cache, or one made from other inputs, cannot be recomputed once the policy moved."""
-    done = os.path.exists(os.path.join(cache_dir, "COMPLETE"))
-    saved = None
-    if done and os.path.exists(os.path.join(cache_dir, "fingerprint.json")):
-        with open(os.path.join(cache_dir, "fingerprint.json")) as f:
-            saved = json.load(f)
-    if done and saved == fingerprint:
-        return "reuse"
-    if step == 0:
-        if done:
-            print0(f"ref logprobs: {cache_dir} was made from other inputs; recomputing")
-        return "compute"
-    changed = "incomplete" if not done else "made from other inputs (" + ", ".join(
-        k for k in fingerprint if (saved or {}).get(k) != fingerprint[k]) + " changed)"
-    return (f"error: resuming at step {step}, but the cached reference log-probs in {cache_dir} are {changed}; "
-            "the policy has moved, so they cannot be recomputed: start a fresh output_dir")
-
-
-def reference_prepass(cfg: Config, d, model, dataset, tokenizer, step: int) -> "RefCache":
-    """log pi_ref of every kept teacher token, in micro-batches of train.micro_batch_size sequences (the
-    step's memory, not a whole padded group); rank r takes questions r::world and writes rank<r>.safetensors
-    (one tensor per response, exactly its length - 1), then fingerprint.json and COMPLETE (the commit)."""
-    cache_dir = os.path.join(cfg.output_dir, "ref_logprobs")
-    decision = [ref_fingerprint(cfg, d, tokenizer, dataset), None] if d.rank == 0 else [None, None]
-    if d.rank == 0:
-        decision[1] = _cache_action(cache_dir, decision[0], step)
-        if decision[1] == "compute":
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            os.makedirs(cache_dir)
-    dist.broadcast_object_list(decision, src=0)  # one decision, made once (rank 0 hashed the data)
-    fingerprint, action = decision
-    if action not in ("reuse", "compute"):
-        raise SystemExit(action)  # every rank, so none waits for the others
-    if action == "compute":
-        G, mbs = cfg.data.group_size, cfg.train.micro_batch_size
-        rows = [(qi, j) for qi in range(d.rank, len(dataset), d.world_size) for j in range(G)]
-        n_batches = math.ceil(math.ceil(len(dataset) / d.world_size) * G / mbs)  # equal on every rank (FSDP)
-        tensors, last = {}, {}
-        with torch.no_grad():
-            for b in tqdm(range(n_batches), desc="ref logprobs", disable=d.rank != 0):
-                chunk = rows[b * mbs:(b + 1) * mbs] or rows[-mbs:] or [(0, 0)]  # idle ranks repeat a batch
-                batch, lengths = _rows_batch(dataset, chunk, tokenizer.pad_token_id, last)
-                lp = logprobs(cfg, d, model, batch).float().cpu()                       # [b, t]
-                for k, ((qi, j), n) in enumerate(zip(chunk, lengths)):
-                    if qi % d.world_size == d.rank:
-                        tensors[f"q{qi}.{j}"] = lp[k, :n - 1].contiguous()             # [n - 1]
-        save_file(tensors, os.path.join(cache_dir, f"rank{d.rank}.safetensors"))
-        dist.barrier()
-        if d.rank == 0:
-            with open(os.path.join(cache_dir, "fingerprint.json"), "w") as f:
-                json.dump(fingerprint, f)
-            open(os.path.join(cache_dir, "COMPLETE"), "w").close()
-    dist.barrier()
-    return RefCache(cache_dir, d.world_size)
-
-
-def _rows_batch(dataset, rows, pad_id, memo: dict):
-    """Padded batch of single responses (qi, j) -> (batch, lengths); memo keeps the last question's item."""
-    items = []
-    for qi, j in rows:
-        if memo.get("qi") != qi:
-            memo.update(qi=qi, item=dataset[qi])
-        it = memo["item"]
-        items.append({"input_ids": [it["input_ids"][j]], "loss_mask": [it["loss_mask"][j]],
-                      "rewards": [it["rewards"][j]]})
-    return data.collate(items, pad_id), [len(it["input_ids"][0]) for it in items]
-
-
-class RefCache:
-    """Reads the pre-pass's per-rank files lazily; ref_logp of training rows, checked against their lengths."""
-
-    def __init__(self, cache_dir: str, world_size: int):
-        self.world_size = world_size
-        self.handles = [safe_open(os.path.join(cache_dir, f"rank{r}.safetensors"), "pt") for r in range(world_size)]
-
-    def logprobs(self, rows: list[tuple[int, int, int]], width: int, device):
-        """ref_logp [b, width - 1] for rows (question qi, response j, its n tokens), 0 after each length."""
-        out = torch.zeros(len(rows), width - 1)                                        # [b, t]
-        for k, (qi, j, n) in enumerate(rows):
-            cached = self.handles[qi % self.world_size].get_tensor(f"q{qi}.{j}")        # [n - 1]
-            if cached.shape[0] != n - 1:
-                raise SystemExit(f"error: cached reference log-probs of question {qi}, response {j} cover "
-                                 f"{cached.shape[0]} tokens, the data has {n - 1}: the cache is stale")
-            out[k, :n - 1] = cached
-        return out.to(device)
+    return step, nonfinite_total, validated
 
 
 # --------------------------------------------------------------------------- on-policy rollouts
@@ -729,18 +609,25 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
 # --------------------------------------------------------------------------- the loop
 
 def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop: dict, *,
-               step: int, total_steps: int, nonfinite_total: int) -> None:
+               step: int, total_steps: int, nonfinite_total: int, validated: int) -> None:
     """Optimizer steps until total_steps: draw the step's questions, roll out (on-policy), train_step, log,
-    samples, validation at the end of every validation.every_epochs-th epoch, checkpoints. A non-finite step is skipped; max_nonfinite in a row abort. SIGTERM (any rank) or
-    train.stop_after: every rank saves at the same step and exits 0."""
+    samples, checkpoints; after every validation.every_epochs-th epoch (the state saved first), validation.
+    A non-finite step is skipped; max_nonfinite in a row abort. SIGTERM (any rank) or train.stop_after: every
+    rank saves at the same step and exits 0. `validated`: epochs whose validation is done."""
     streak = 0
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     val_records = None
     if cfg.validation.every_epochs:
         val_records = eval_math.load_records(cfg.validation.data, cfg.validation.limit)
-    validated = int(sampler.progress)  # epochs done at the resumed step were validated before its save
     bar = tqdm(total=total_steps, initial=step, desc=cfg.loss.name, disable=d.rank != 0, dynamic_ncols=True)
-    while step < total_steps:
+    while True:
+        epochs_done = int(sampler.progress)
+        if epochs_done > validated:  # an epoch ended: its state is saved (below), so a kill here repeats only this
+            if val_records and epochs_done % cfg.validation.every_epochs == 0:
+                validate_epoch(cfg, d, model, tokenizer, val_records, epoch=epochs_done, step=step)
+            validated = epochs_done
+        if step >= total_steps:
+            break
         t0 = time.time()
         qidx = sampler.next_step()                                                     # this rank's questions
         items = [dataset[i] for i in qidx]
@@ -767,20 +654,18 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             bar.update(1)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0:
             write_samples(cfg, d, model, tokenizer, items, step)
-        epochs_done = int(sampler.progress)
-        if val_records and epochs_done > validated and epochs_done % cfg.validation.every_epochs == 0:
-            validate_epoch(cfg, d, model, tokenizer, val_records, epoch=epochs_done, step=step)
-        validated = epochs_done
         flag = torch.tensor([float(stop["requested"])], device=d.device)                # [1]
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         stopping = flag.item() > 0 or step == cfg.train.stop_after
-        if step % cfg.train.save_every == 0 or step == total_steps or stopping:
-            extra = {"step": step, "nonfinite_total": nonfinite_total, "sampler": sampler.state_dict()}
+        epoch_end = int(sampler.progress) > validated  # saved before the (long) validation at the loop's top
+        if step % cfg.train.save_every == 0 or step == total_steps or stopping or epoch_end:
+            extra = {"step": step, "nonfinite_total": nonfinite_total, "sampler": sampler.state_dict(),
+                     "validated_epochs": validated}
             mu.save_state(os.path.join(cfg.output_dir, "ckpt"), step, model, optimizer, extra, dist=d,
                           keep=cfg.train.keep_checkpoints)
         if cfg.train.hf_every and step % cfg.train.hf_every == 0:
             mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", f"step-{step}"), dist=d)
-        if stopping:
+        if stopping:  # (an epoch's validation, if due, is the resumed run's first act)
             print0(f"{'SIGTERM' if flag.item() > 0 else 'train.stop_after'}: saved state at step {step}; exiting")
             mu.teardown_distributed()
             sys.exit(0)

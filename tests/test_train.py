@@ -304,8 +304,8 @@ def test_cached_reference_on_changed_data_is_refused_on_resume_and_recomputed_be
     # line each; torchrun's own failure summary has a traceback of its own)
     line = next(x for x in proc.stderr.splitlines() if "cached reference log-probs" in x)
     assert line.startswith("error: resuming at step 1, but the cached reference log-probs")
-    assert line.endswith("made from other inputs (data_sha256 changed); the policy has moved, so they cannot be "
-                         "recomputed: start a fresh output_dir")  # only what changed is named
+    assert line.endswith("made from other inputs (data_sha256, questions_sha256 changed); the policy has moved, so "
+                         "they cannot be recomputed: start a fresh output_dir")  # only what changed is named
     shutil.rmtree(out / "ckpt")
     (out / "metrics.jsonl").unlink()
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -335,8 +335,8 @@ def test_num_questions_draws_a_subset_and_sets_the_step_count(lab):
 
 def test_validation_each_epoch_exports_epochs_keeps_the_best_and_survives_a_resume(lab):
     """validation.every_epochs=1 over 2 epochs: val/ rows, hf/epoch-1 and hf/epoch-2, hf/best a copy of the
-    epoch with the highest val/avg@n (the earlier on a tie) and best.json; stopped in epoch 2 and resumed,
-    the same rows, exports and best."""
+    epoch with the highest val/avg@n (the earlier on a tie) and best.json; stopped in epoch 2, or at the last
+    step of epoch 1, and resumed: the same rows, exports and best."""
     cfg = grpo_config(lab, "x", epochs=2, max_steps=-1, save_every=1)
     cfg["data"]["num_questions"] = 8  # 2 steps per epoch
     cfg["validation"] = {"data": str(lab["data"] / "eval_id.jsonl"), "every_epochs": 1, "n": 2,
@@ -363,3 +363,11 @@ def test_validation_each_epoch_exports_epochs_keeps_the_best_and_survives_a_resu
     assert strip(metrics(part)) == strip(rows)
     assert json.loads((part / "best.json").read_text()) == best
     assert_same_weights(part / "hf" / "best", full / "hf" / "best", atol=0)
+    # stopped at an epoch's last step (SIGTERM or stop_after there): saved before validating; the resumed run
+    # validates that epoch first, on the same weights
+    edge = lab["root"] / "val_edge"
+    run_train(edge, cfg, nproc=2, extra=["train.stop_after=2"])
+    assert not [r for r in metrics(edge) if "val/epoch" in r] and not (edge / "hf" / "epoch-1").exists()
+    run_train(edge, cfg, nproc=2)
+    assert strip(metrics(edge)) == strip(rows)
+    assert_same_weights(edge / "hf" / "epoch-1", full / "hf" / "epoch-1", atol=0)
