@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The tiny lab end to end on any CPU: synthetic data -> tiny base model (mid-training by SFT) -> each
-# post-training variant from that same base (sft, offgrpo, bias05, onpolicy; torchrun, 2 ranks) ->
-# evaluation on held-out in-distribution and harder problems -> runs/tiny/results.{md,json}.
+# post-training variant from that same base (sft, offgrpo, bias05, krafton_code, onpolicy; torchrun, 2 ranks),
+# each on a drawn question subset for 2 epochs with validation after each epoch (the blog's protocol) ->
+# evaluation of each variant's best epoch (hf/best) on held-out in-distribution and harder problems ->
+# runs/tiny/results.{md,json}.
 #   bash launch/demo.sh              # one post-training seed
 #   bash launch/demo.sh --seeds 3    # three seeds per variant: the table gives mean ± spread
 set -euo pipefail
@@ -22,6 +24,7 @@ stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 stamp "data"
 python synthetic.py --out data/tiny
 python data.py curate --input data/tiny/teacher_raw.jsonl --output data/tiny/teacher.jsonl
+python synthetic.py --out data/tiny/val --seed 1 --n-mid 64 --n-teacher 4 --n-eval 50  # validation problems only
 
 stamp "base model (mid-training)"
 "${torchrun[@]}" train.py configs/tiny/base.yaml output_dir=$runs/base
@@ -45,11 +48,11 @@ evaluate() {  # seed name1 dir1 name2 dir2 ...
 mkdir -p $runs/eval
 for seed in $(seq 0 $((seeds - 1))); do
   models=(base $runs/base/hf/final)  # the base once per sampling seed: its spread is eval noise alone
-  for variant in sft offgrpo bias05 onpolicy; do
+  for variant in sft offgrpo bias05 krafton_code onpolicy; do
     stamp "post-training $variant (seed $seed)"
     "${torchrun[@]}" train.py configs/tiny/$variant.yaml output_dir=$runs/$variant/seed$seed \
       model.path=$runs/base/hf/final train.seed=$seed
-    models+=($variant $runs/$variant/seed$seed/hf/final)
+    models+=($variant $runs/$variant/seed$seed/hf/best)  # the best epoch by validation
   done
   stamp "eval base and variants (sampling seed $seed)"
   evaluate $seed "${models[@]}"
