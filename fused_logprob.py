@@ -20,8 +20,11 @@ reference of what the kernels compute. "triton" tiles over the vocabulary; its f
 log-sum-exp per token, over vocab tiles: m' = max(m, max_tile z), s' = s exp(m - m') + sum_tile exp(z - m'),
 and likewise for sum p z; its backward recomputes logit tiles and accumulates both gradients in fp32 with
 atomics (not bitwise deterministic across runs). "auto" = triton for CUDA tensors when triton imports, torch
-otherwise. Under TRITON_INTERPRET=1 (set before triton is imported) backend="triton" also takes CPU tensors;
-that is how tests/test_fused_logprob.py checks the kernels.
+otherwise. Its tile sizes depend on the GPU architecture (tiles_for: each must fit the architecture's shared
+memory; tests/test_triton_aot.py compiles every kernel for sm_80, sm_89 and sm_90 without a GPU). Under fake
+tensors (torch's FakeTensorMode, for memory estimates) it allocates its buffers and launches nothing. Under
+TRITON_INTERPRET=1 (set before triton is imported) backend="triton" also takes CPU tensors; that is how
+tests/test_fused_logprob.py checks the kernels.
 
 For the caller (FSDP2): the lm_head weight is a DTensor shard between forward methods. Compute log-probs
 inside a model method registered with torch.distributed.fsdp.register_fsdp_forward_method(model, name):
@@ -32,6 +35,7 @@ Tied embeddings work the same way (pass the embedding weight).
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -59,7 +63,9 @@ def fused_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-10
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))  # [N]
-    if bad.any():  # one host sync; in the kernel an out-of-range id would silently give logp = -lse
+    # one host sync; in the kernel an out-of-range id would silently give logp = -lse. Fake tensors (a memory
+    # estimate under FakeTensorMode) have no values to check: bad is fake whenever any input is.
+    if not is_fake(bad) and bad.any():
         raise ValueError(f"targets outside [0, {weight.shape[0]}) that are not ignore_index={ignore_index}")
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and triton is not None else "torch"
@@ -172,16 +178,56 @@ class Tiles:
     num_warps: int
     num_stages: int  # software-pipelining depth of the loads in the H loop
 
+    @property
+    def options(self):
+        """The launch options (beside the constexprs) of a kernel launched with these tiles."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
-# Chosen for Hopper-class GPUs (H100/H200: 228 KB smem, 64K registers per SM), not autotuned (no GPU here).
-# Forward: each program owns 128 tokens and streams all of W; a 128x128 fp32 accumulator over 8 warps is
-# 64 registers/thread and the 3-stage pipeline stages (128+128)x64 16-bit tiles = 96 KB of smem. Programs
-# run in token order and sweep W in the same vocabulary order, so concurrent programs share W tiles in L2.
-# Backward: also keeps dz (fp32) alive across the H loop plus two accumulators, so 64 tokens x 128 vocab
-# to stay under 255 registers/thread; GROUP_N=8 token blocks walk the vocabulary together so each W tile
-# is read from HBM once per group and the group's 8 hidden blocks stay resident in L2.
-FWD_TILES = Tiles(block_n=128, block_v=128, block_h=64, group_n=1, num_warps=8, num_stages=3)
-BWD_TILES = Tiles(block_n=64, block_v=128, block_h=64, group_n=8, num_warps=8, num_stages=3)
+
+# Tiles per GPU architecture, not autotuned (no GPU here): each must fit the architecture's shared memory per
+# block (sm_80 A100: 166,912 B; sm_89 L4/L40S/RTX 4090: 101,376 B; sm_90 H100/H200: 232,448 B), or the first
+# launch fails. tests/test_triton_aot.py compiles every (architecture, dtype, kernel) the launchers can produce
+# and checks that; the bytes below are what it measured (triton 3.9). How shared memory adds up: num_stages=S
+# keeps S-1 buffers of each pipelined load in the H loops (2-byte h and W elements at 16 bits), and tl.dot
+# reads some fp32 operands (the .to(float32) of _mma) from shared memory.
+#
+# 16-bit forward, every architecture: each program owns 128 tokens and streams all of W (programs run in token
+# order and sweep W in the same vocabulary order, so concurrent programs share W tiles in L2); a 128x128 fp32
+# accumulator over 8 warps is 64 registers/thread. 2 buffers x (128+128) x 64 x 2 B = 64 KB (sm_80/89), plus
+# the fp32 W tile that sm_90's tf32 wgmma reads, 64 x 128 x 4 B = 32 KB: 96 KB. 221-255 registers, 0-24 B of
+# spill per thread.
+_FWD_16 = Tiles(block_n=128, block_v=128, block_h=64, group_n=1, num_warps=8, num_stages=3)
+# 16-bit backward: keeps dz (fp32) alive across the H loop plus two accumulators, so 64 tokens x 128 vocab to
+# stay under 255 registers/thread; GROUP_N=8 token blocks walk the vocabulary together so each W tile is read
+# from HBM once per group and the group's 8 hidden blocks stay resident in L2. With both gradients, dz and dz^T
+# as fp32 dot operands take 2 x 64 x 128 x 4 B = 64 KB of shared memory whatever the H step; with both H loops'
+# loads pipelined (num_stages=3) the kernel needs 144 KB (147,456 B): fits A100 and H100 (128-250 registers,
+# no spill).
+_BWD_16 = Tiles(block_n=64, block_v=128, block_h=64, group_n=8, num_warps=8, num_stages=3)
+# ... but not sm_89's 99 KB. Same tile, program order and warps, with half the H step and one buffer per load:
+# 64 KB + 2 loops x (64+128) x 32 x 2 B = 88 KB, measured 92 KB (94,208 B); 126-156 registers, 0-4 B of spill.
+_BWD_16_99KB = Tiles(block_n=64, block_v=128, block_h=32, group_n=8, num_warps=8, num_stages=2)
+# fp32 (tests, small models): "ieee" dots are FMA loops on every architecture (no tensor cores), which need more
+# registers per tile; the 16-bit tiles spilled (10 KB of spill stores per thread in sm_80's forward) and
+# did not fit sm_89 (forward 128 KB, backward 144 KB). Forward 64 x 128, H step 32: 2 x (64+128) x 32 x 4 B =
+# 48 KB; backward H step 16: 40-64 KB. 0-16 B of spill on sm_80/89/90, so one set for all.
+_FWD_32 = Tiles(block_n=64, block_v=128, block_h=32, group_n=1, num_warps=8, num_stages=3)
+_BWD_32 = Tiles(block_n=64, block_v=128, block_h=16, group_n=8, num_warps=8, num_stages=3)
+
+
+def tiles_for(capability, dtype):
+    """(forward, backward) Tiles for a GPU of compute capability (major, minor) and the inputs' dtype.
+
+    Every architecture other than sm_80 and sm_90 gets sm_89's set, the one that fits the smallest shared
+    memory of the GPUs triton targets: 99 KB per block on sm_86 (A10, RTX 3090), sm_89 and sm_120 (RTX 5090).
+    Compiled once ahead of time (not in the test): the backward takes 92 KB on sm_86 and sm_120, the forward
+    64 KB; both fit sm_100's (B200) 227 KB."""
+    if dtype == torch.float32:
+        return _FWD_32, _BWD_32
+    if tuple(capability) in ((8, 0), (9, 0)):
+        return _FWD_16, _BWD_16
+    return _FWD_16, _BWD_16_99KB
+
 
 if triton is not None:
     @triton.jit
@@ -295,9 +341,9 @@ if triton is not None:
 def _check_triton_inputs(hidden, weight):
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package; use backend='torch' or 'auto'")
-    if not hidden.is_cuda and not _INTERPRETED:
+    if not hidden.is_cuda and not _INTERPRETED and not is_fake(hidden):  # fake: allocations only, no launch
         raise ValueError("backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
-                         "triton is imported")
+                         "triton is imported (or fake tensors)")
     if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"backend='triton' needs hidden and weight of one dtype in fp32/bf16/fp16, got "
                          f"{hidden.dtype}, {weight.dtype}")
@@ -305,6 +351,23 @@ def _check_triton_inputs(hidden, weight):
 
 def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # see _mma
+
+
+# The constexprs of each kernel, from the tiles and the call: one place for the launchers below and for
+# tests/_triton_aot_worker.py, which compiles the same specializations ahead of time for sm_80/89/90.
+def _fwd_constexprs(t, dtype, with_entropy):
+    return dict(WITH_ENTROPY=with_entropy, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h,
+                DOT_PRECISION=_dot_precision(dtype))
+
+
+def _bwd_constexprs(t, dtype, with_entropy, need_h, need_w):
+    return dict(WITH_ENTROPY=with_entropy, NEED_GH=need_h, NEED_GW=need_w, BLOCK_N=t.block_n, BLOCK_V=t.block_v,
+                BLOCK_H=t.block_h, GROUP_N=t.group_n, DOT_PRECISION=_dot_precision(dtype))
+
+
+def _capability(device):
+    """The (major, minor) compute capability the kernels are launched for; the interpreter runs sm_90's tiles."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 class _TritonLogProb(torch.autograd.Function):
@@ -316,13 +379,11 @@ class _TritonLogProb(torch.autograd.Function):
         logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)  # [N], [N]
         ez = torch.empty(n, **f32) if with_entropy else None  # [N] E_p[z]
         ent = torch.empty(n, **f32) if with_entropy else None  # [N]
-        t = FWD_TILES
-        if n > 0:
+        if n > 0 and not is_fake(hidden):  # fake tensors (memory estimates): the buffers above, no launch
+            t = tiles_for(_capability(hidden.device), hidden.dtype)[0]
             _fwd_kernel[(triton.cdiv(n, t.block_n),)](
                 hidden, weight, targets, logp, lse, ez if with_entropy else lse, ent if with_entropy else lse,
-                n, v, h, scale, ignore_index, WITH_ENTROPY=with_entropy, BLOCK_N=t.block_n, BLOCK_V=t.block_v,
-                BLOCK_H=t.block_h, DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=t.num_warps,
-                num_stages=t.num_stages)
+                n, v, h, scale, ignore_index, **_fwd_constexprs(t, hidden.dtype, with_entropy), **t.options)
         ctx.save_for_backward(hidden, weight, targets, lse, ez)
         ctx.scale, ctx.ignore_index, ctx.with_entropy = scale, ignore_index, with_entropy
         ctx.set_materialize_grads(False)
@@ -336,15 +397,13 @@ class _TritonLogProb(torch.autograd.Function):
         g, e = _upstream(grads, ctx.with_entropy, targets != ctx.ignore_index)  # [N], [N] or None
         gh = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_h else None  # [N, H]
         gw = torch.zeros((v, h), dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
-        t = BWD_TILES
-        if n > 0 and (need_h or need_w):
+        if n > 0 and (need_h or need_w) and not is_fake(hidden):
+            t = tiles_for(_capability(hidden.device), hidden.dtype)[1]
             grid = (triton.cdiv(n, t.block_n) * triton.cdiv(v, t.block_v),)
             _bwd_kernel[grid](
                 hidden, weight, targets, lse, ez if e is not None else lse, g, e if e is not None else g,
                 gh if need_h else lse, gw if need_w else lse, n, v, h, ctx.scale, ctx.ignore_index,
-                WITH_ENTROPY=e is not None, NEED_GH=need_h, NEED_GW=need_w, BLOCK_N=t.block_n,
-                BLOCK_V=t.block_v, BLOCK_H=t.block_h, GROUP_N=t.group_n,
-                DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=t.num_warps, num_stages=t.num_stages)
+                **_bwd_constexprs(t, hidden.dtype, e is not None, need_h, need_w), **t.options)
         grad_h = None if gh is None else gh.to(hidden.dtype)
         grad_w = None if gw is None else gw.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None

@@ -9,6 +9,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fused_logprob  # noqa: E402
@@ -35,8 +36,7 @@ def use_variant(monkeypatch, variant, n_rows_per_chunk=4, vocab=None):
     if variant == "torch-chunked":  # 4 tokens per chunk: many chunks and a partial last one
         monkeypatch.setattr(fused_logprob, "CHUNK_BYTES", 4 * vocab * n_rows_per_chunk)
     if variant == "triton-small":
-        monkeypatch.setattr(fused_logprob, "FWD_TILES", SMALL_FWD)
-        monkeypatch.setattr(fused_logprob, "BWD_TILES", SMALL_BWD)
+        monkeypatch.setattr(fused_logprob, "tiles_for", lambda capability, dtype: (SMALL_FWD, SMALL_BWD))
     return variant.split("-")[0]
 
 
@@ -195,3 +195,99 @@ def test_no_tokens(backend):
     (logp.sum() + ent.sum()).backward()
     assert logp.shape == ent.shape == (0,)
     assert hidden.grad.shape == (0, 8) and (weight.grad == 0).all()
+
+
+class NoLaunch:
+    """Stands in for a Triton kernel that must not be launched."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched on fake tensors")
+
+
+def without_kernels(monkeypatch):
+    """As on a CPU machine without the interpreter, and any launch fails."""
+    monkeypatch.setattr(fused_logprob, "_INTERPRETED", False)
+    for name in ("_fwd_kernel", "_bwd_kernel"):
+        monkeypatch.setattr(fused_logprob, name, NoLaunch(name))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fake_tensors(monkeypatch, backend):
+    """Under FakeTensorMode (benchmarks/memory.py's estimate) both paths run forward + backward without values:
+    no host sync for the target check, and the Triton path allocates its buffers but launches no kernel (an
+    interpreted launch would read the fake tensors' storage, and real kernels need a GPU). The shape would take
+    the interpreter hours: this returns at once only because nothing is launched."""
+    n, h, v = 4096, 512, 32000
+    without_kernels(monkeypatch)
+    with FakeTensorMode():
+        hidden = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.randn(v, h, dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.randint(0, v, (n,))
+        with LargestTensor() as probe:
+            logp, ent = fused_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True,
+                                       backend=backend)
+            (logp.sum() + ent.sum()).backward()
+        logp_only = fused_logprobs(hidden, weight, targets, backend=backend)
+    for t in (logp, ent, logp_only, hidden.grad, weight.grad):
+        assert is_fake(t)
+    assert logp.shape == ent.shape == logp_only.shape == (n,)
+    assert logp.dtype == ent.dtype == torch.float32
+    assert hidden.grad.shape == (n, h) and hidden.grad.dtype == torch.bfloat16
+    assert weight.grad.shape == (v, h) and weight.grad.dtype == torch.bfloat16
+    assert probe.max_bytes < 4 * n * v  # memory accounting sees no [N, V] logits
+    if backend == "triton":  # ... and does see the Triton path's fp32 [V, H] grad accumulator
+        assert probe.max_bytes == 4 * v * h
+    # the real (non-fake) path still checks the targets' values
+    monkeypatch.undo()
+    hidden, weight, targets, _, _ = make_inputs(5, 8, 11, torch.float32, 1)
+    for bad in (11, -1):
+        with pytest.raises(ValueError, match="targets outside"):
+            fused_logprobs(hidden, weight, torch.tensor([0, 1, bad, 2, IGNORE]), backend=backend)
+
+
+class Allocations(TorchDispatchMode):
+    """Records (op, shape, dtype) of every non-empty tensor an allocating or casting aten op returns."""
+    OPS = {"empty", "empty_like", "empty_strided", "new_empty", "zeros", "zeros_like", "new_zeros", "full",
+           "full_like", "ones_like", "clone", "_to_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in self.OPS and isinstance(out, torch.Tensor) and out.numel() > 0:
+            self.seen.append((func.__name__.split(".")[0], tuple(out.shape), out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fake_triton_path_allocates_what_the_real_one_does(monkeypatch, dtype):
+    """The fake Triton path's allocations equal those of a real (interpreted) run, op for op: logp, lse, E_p[z],
+    entropy, the fp32 gradient accumulators and their casts to the input dtype."""
+    use_variant(monkeypatch, "triton-small")
+    n, h, v = 20, 32, 90
+    hidden, weight, targets, _, _ = make_inputs(n, h, v, dtype, 2)
+
+    def fwd_bwd(hh, ww, tt):
+        logp, ent = fused_logprobs(hh.requires_grad_(), ww.requires_grad_(), tt, return_entropy=True,
+                                   backend="triton")
+        (logp.sum() + ent.sum()).backward()
+
+    with Allocations() as real:
+        fwd_bwd(hidden, weight, targets)
+    without_kernels(monkeypatch)
+    with FakeTensorMode() as mode:
+        fake_inputs = [mode.from_tensor(t) for t in (hidden, weight, targets)]
+        with Allocations() as fake:
+            fwd_bwd(*fake_inputs)
+    f32 = torch.float32
+    expected = [("empty", (n,), f32)] * 4 + [("ones_like", (), f32)]  # logp, lse, ez, ent; d(sum)/d(sum)
+    expected += [("zeros", (n, h), f32), ("zeros", (v, h), f32)]  # the fp32 grad accumulators
+    if dtype != f32:
+        expected += [("_to_copy", (n, h), dtype), ("_to_copy", (v, h), dtype)]  # the returned gradients
+    assert real.seen == expected
+    assert fake.seen == real.seen

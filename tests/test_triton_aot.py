@@ -1,0 +1,73 @@
+"""fused_logprob's Triton kernels compile for real GPUs and fit their shared memory, checked without a GPU.
+
+tests/_triton_aot_worker.py compiles, ahead of time, every kernel specialization the launchers can produce
+(forward with and without entropy; backward for each entropy / needed-gradient combination) with the tiles
+tiles_for picks, for sm_80, sm_89 and sm_90, in bf16, fp16 and fp32. It runs in its own processes with
+TRITON_INTERPRET removed from the environment (this suite sets it for the interpreter tests) and a fresh triton
+cache. The test fails on a compile error or on shared memory per block over the architecture's limit (a kernel
+that would fail at its first launch), and prints shared memory, registers and spills per kernel (pytest -s).
+Spills are reported, not asserted: the 16-bit forward with entropy spills a few bytes on every architecture.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+WORKER = Path(__file__).with_name("_triton_aot_worker.py")
+
+
+def compile_all(cache_dir):
+    """Rows from the worker, run as parallel shards (compiling is single-threaded per process)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)  # cold compiles; nothing written to ~/.triton
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, which also warns when it is unset
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    shards = max(1, min(4, cpus))
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "--shard", str(i), "--of", str(shards)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(shards)]
+    rows, done = [], 0
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, f"worker failed ({p.returncode}):\n{err[-4000:]}"
+        for line in out.splitlines():
+            row = json.loads(line)
+            if "done" in row:
+                done += 1
+                assert row["done"] == row["of"], row
+            else:
+                rows.append(row)
+    assert done == shards
+    return rows
+
+
+def table(rows):
+    head = ("| arch | dtype | kernel | flags | aligned | BN x BV x BH, warps, stages | shared B / limit | regs "
+            "| spill st/ld B |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["dtype"], r["kernel"], not r["aligned"], [not f for f in r["flags"]])):
+        t = r["tiles"]
+        tiles = f"{t['block_n']}x{t['block_v']}x{t['block_h']}, {t['num_warps']}, {t['num_stages']}"
+        names = ("entropy",) if r["kernel"] == "fwd" else ("entropy", "gh", "gw")
+        flags = "+".join(n for n, f in zip(names, r["flags"]) if f) or "-"
+        usage = ("ERROR", "", "") if "error" in r else (
+            f"{r['shared']:,} / {r['smem_limit']:,}", r["registers"], f"{r['spill_stores']}/{r['spill_loads']}")
+        lines.append(f"| sm_{r['arch']} | {r['dtype']} | {r['kernel']} | {flags} | {'yes' if r['aligned'] else 'no'} | {tiles} | "
+                     f"{usage[0]} | {usage[1]} | {usage[2]} |")
+    return "\n".join(lines)
+
+
+def test_kernels_compile_for_sm80_sm89_sm90_and_fit_shared_memory(tmp_path):
+    rows = compile_all(tmp_path / "triton-cache")
+    print("\n" + table(rows))
+    assert {r["arch"] for r in rows} == {80, 89, 90} and {r["dtype"] for r in rows} == {"bf16", "fp16", "fp32"}
+    errors = [f"sm_{r['arch']} {r['dtype']} {r['kernel']} {r['flags']}:\n{r['error']}" for r in rows if "error" in r]
+    assert not errors, "compile errors:\n" + "\n".join(errors)
+    over = [f"sm_{r['arch']} {r['dtype']} {r['kernel']} {r['flags']} {r['tiles']}: {r['shared']:,} B > "
+            f"{r['smem_limit']:,} B" for r in rows if r["shared"] > r["smem_limit"]]
+    assert not over, "shared memory over the per-block limit (the launch would fail):\n" + "\n".join(over)
+    assert all(r["registers"] is not None for r in rows), "ptxas -v printed no register count"
