@@ -187,9 +187,11 @@ class Tiles:
 # Tiles per GPU architecture, not autotuned (no GPU here): each must fit the architecture's shared memory per
 # block (sm_80 A100: 166,912 B; sm_89 L4/L40S/RTX 4090: 101,376 B; sm_90 H100/H200: 232,448 B), or the first
 # launch fails. tests/test_triton_aot.py compiles every (architecture, dtype, kernel) the launchers can produce
-# and checks that; the bytes below are what it measured (triton 3.9). How shared memory adds up: num_stages=S
-# keeps S-1 buffers of each pipelined load in the H loops (2-byte h and W elements at 16 bits), and tl.dot
-# reads some fp32 operands (the .to(float32) of _mma) from shared memory.
+# and checks that; the bytes below are what it measured (triton 3.9) for aligned launches (16-byte aligned
+# tensors, H a multiple of 16: every real model). Unaligned ones (an H like the tests' 40, a view at an odd
+# offset) load element by element: at most 96 KB of shared memory, but up to 1.4 KB of spill per thread.
+# num_stages=S keeps S-1 buffers of each pipelined load of the H loops in shared memory (h and W elements: 2 B
+# at 16 bits), and tl.dot reads some fp32 operands (the .to(float32) of _mma) from shared memory too.
 #
 # 16-bit forward, every architecture: each program owns 128 tokens and streams all of W (programs run in token
 # order and sweep W in the same vocabulary order, so concurrent programs share W tiles in L2); a 128x128 fp32

@@ -78,8 +78,8 @@ def alignment_attrs(kernel, sig, aligned):
     """The JIT marks 16-byte-aligned pointers and ints divisible by 16 (tt.divisibility 16), and compiles one
     kernel per such specialization. Aligned: a typical launch, every tensor 16-byte aligned and V, H multiples
     of 16 (Qwen2.5-7B: V=152,064, H=3,584), N arbitrary; its vectorized loads become async copies that the
-    pipeliner buffers in shared memory. Unaligned: a strided view or an H that is no multiple of 16 (the tests'
-    shapes); no vectorized loads, usually less shared memory, but not always (sm_90's fp32 backward: more)."""
+    pipeliner buffers in shared memory. Unaligned: an H that is no multiple of 16 (the tests' shapes) or a view
+    at an odd offset; no vectorized loads, usually less shared memory but not always (sm_90's fp32 backward)."""
     if not aligned:
         return {}
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
