@@ -574,7 +574,8 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
                                      all_positive_bias=lc.all_positive_bias)           # [B_rank]
     stats = torch.zeros(6, dtype=torch.float64, device=d.device)                       # [6]
     lengths = full["attention_mask"].sum(1)                                            # [B_rank]
-    row_key = [(qi, j, n) for (qi, j), n in zip([(qi, j) for qi in qidx for j in range(G)], lengths.tolist())]
+    n_tok = lengths.tolist()
+    row_key = [(qi, j, n_tok[i * G + j]) for i, qi in enumerate(qidx) for j in range(G)]  # (question, response, tokens)
     by_length = torch.argsort(lengths, stable=True)                                    # [B_rank]
     for lo in range(0, len(row_key), cfg.train.micro_batch_size):
         rows = by_length[lo:lo + cfg.train.micro_batch_size]                           # [b]
@@ -704,7 +705,10 @@ def validate_epoch(cfg: Config, d, model, tokenizer, records: list[dict], *, epo
             f.write(json.dumps({"step": step, "val/epoch": epoch, **scores}) + "\n")
         print0(f"validation after epoch {epoch} (step {step}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         best_path = os.path.join(cfg.output_dir, "best.json")
-        best = json.load(open(best_path)) if os.path.exists(best_path) else None
+        best = None
+        if os.path.exists(best_path):
+            with open(best_path) as f:
+                best = json.load(f)
         if best is None or scores["val/avg@n"] > best["scores"]["val/avg@n"] or best["epoch"] == epoch:
             best_dir = os.path.join(cfg.output_dir, "hf", "best")
             shutil.rmtree(best_dir + ".tmp", ignore_errors=True)
