@@ -281,6 +281,10 @@ class GroupDataset:
         self.items = [self.items[i] for i in indices]
         self.report["questions_drawn"] = len(self.items)
 
+    def lengths(self, i) -> list[int]:
+        """Token counts of question i's responses (prompt + response), without building the item."""
+        return [len(s) for s in self.items[i][2]]
+
     def __getitem__(self, i):
         rec, prompt_len, seqs, rewards = self.items[i]
         return dict(input_ids=[s.tolist() for s in seqs],

@@ -41,6 +41,7 @@ from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shar
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
 import fused_logprob
+import packing
 
 COMPLETE_MARKER = "COMPLETE"  # written inside step-N.tmp before the rename that commits a checkpoint
 
@@ -137,7 +138,7 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param_dtype: torch.dtype,
                 reduce_dtype: torch.dtype, activation_checkpointing: bool, trust_remote_code: bool = False,
                 seed: int = 0, requires_grad: bool = True, reshard_after_forward: bool = True,
-                shard_layers: bool = True):
+                shard_layers: bool = True, attn_implementation: str = "sdpa"):
     """FSDP2-sharded HF causal LM from `path` (HF dir with config.json + safetensors) or, for the tiny lab,
     from Qwen2Config(**init_config) with the HF init under torch.manual_seed(seed). Exactly one is given.
     requires_grad=False gives the frozen reference model (eval mode, root resharded after every forward).
@@ -145,7 +146,8 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
     (one all-gather per layer per micro-batch instead of two; costs one full model copy per rank).
     shard_layers=False makes the whole model one FSDP unit (one all-gather and one reduce-scatter per
     micro-batch, no per-layer overlap): for models so small that per-layer collectives cost more than
-    they overlap (the tiny lab: 15% faster per step on 2 CPU ranks); reshard_after_forward is then moot."""
+    they overlap (the tiny lab: 15% faster per step on 2 CPU ranks); reshard_after_forward is then moot.
+    attn_implementation: transformers' attention (sdpa | eager | flex_attention | flash_attention_2)."""
     if (path is None) == (init_config is None):
         raise ValueError("build_model: give exactly one of path and init_config")
     fake = detect_fake_mode() is not None  # a FakeTensorMode rehearsal (benchmarks/memory.py): shapes, no values
@@ -164,7 +166,8 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
     # storage dtype (what save_hf writes) is put back afterwards.
     storage_dtype = config.dtype or torch.float32
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
     model.config.architectures = [type(model).__name__]  # before fully_shard renames the class to FSDP...
     aliases = _param_aliases(model)
     model.requires_grad_(requires_grad)
@@ -240,18 +243,24 @@ def model_summary(model) -> str:
 
 
 # --------------------------------------------------------------------------- log-probs
-def _sequence_logprobs(self, input_ids, attention_mask, temperature, backend, return_entropy):
-    """Bound to the model as model.sequence_logprobs (an FSDP forward method; see module docstring)."""
+def _sequence_logprobs(self, input_ids, attention_mask, position_ids, targets, temperature, backend, return_entropy):
+    """Bound to the model as model.sequence_logprobs (an FSDP forward method; see module docstring).
+    use_cache=False also matters for packed rows: with a cache transformers ignores their boundaries."""
     backbone = getattr(self, self.base_model_prefix)
-    # positions count real tokens, so right- and left-padded rows both get HF's positions
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state  # [B, T, H]
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # [B, T-1]
     out = fused_logprob.fused_logprobs(hidden[:, :-1].reshape(targets.numel(), -1), self.get_output_embeddings().weight,
                                        targets.reshape(-1), temperature=temperature, ignore_index=-100,
                                        return_entropy=return_entropy, backend=backend)
     return out  # flat [B*(T-1)]: FSDP hooks the output for backward, and warns if it is a view
+
+
+def _call_logprobs(model, input_ids, attention_mask, position_ids, targets, temperature, backend, return_entropy):
+    out = model.sequence_logprobs(input_ids, attention_mask, position_ids, targets, temperature, backend,
+                                  return_entropy)
+    if not torch.is_grad_enabled():  # no backward will reshard the root
+        model.reshard()
+    return out if return_entropy else (out,)
 
 
 def sequence_logprobs(model, input_ids, attention_mask, *, temperature=1.0, backend="auto",
@@ -260,11 +269,27 @@ def sequence_logprobs(model, input_ids, attention_mask, *, temperature=1.0, back
     0 where attention_mask[b, t+1] == 0 (and entropy [B, T-1] of the same distribution when asked).
     The [B*T, V] logits are never materialised (fused_logprob). Without grad (reference / old-policy
     passes) the root is resharded afterwards, since no backward will do it."""
-    out = model.sequence_logprobs(input_ids, attention_mask, temperature, backend, return_entropy)
-    if not torch.is_grad_enabled():
-        model.reshard()
+    # positions count real tokens, so right- and left-padded rows both get HF's positions
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                 # [B, T]
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)           # [B, T-1]
+    out = _call_logprobs(model, input_ids, attention_mask, position_ids, targets, temperature, backend,
+                         return_entropy)
     shape = (input_ids.shape[0], input_ids.shape[1] - 1)
-    return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
+    return (out[0].view(shape), out[1].view(shape)) if return_entropy else out[0].view(shape)
+
+
+def packed_logprobs(model, packed: dict, width: int, *, temperature=1.0, backend="auto", return_entropy=False):
+    """sequence_logprobs of k sequences from ONE forward over their packed row (packing.pack: input_ids and
+    position_ids [1, L], lengths), no padding: attention stays inside each sequence (see packing.py for why
+    attention_mask=None is what makes that so). Returns logp (and entropy) in the unpacked layout [k, width - 1],
+    row i holding its sequence's n_i - 1 predictions and then 0, as sequence_logprobs gives for padded rows."""
+    device = next(model.parameters()).device
+    input_ids = packed["input_ids"].to(device)                                          # [1, L]
+    targets = packing.packed_targets(input_ids, packed["lengths"])                      # [1, L-1]
+    out = _call_logprobs(model, input_ids, None, packed["position_ids"].to(device), targets, temperature, backend,
+                         return_entropy)
+    rows = tuple(packing.unpack(o, packed["lengths"], width) for o in out)              # [k, width-1] each
+    return rows if return_entropy else rows[0]
 
 
 # --------------------------------------------------------------------------- generation

@@ -1,9 +1,9 @@
 """Cached reference log-probs: off-policy data is fixed, so log pi_ref of every teacher token is computed once,
 before the first update (the policy IS the reference then), and no reference model is held during training.
 
-prepare() runs the pre-pass in micro-batches of train.micro_batch_size sequences (the step's memory, not a whole
-padded group), or reuses a complete cache made from the same inputs (fingerprint.json); RefCache reads it lazily
-and checks every row against its sequence's length. Called by train.py; `cfg` is train.Config.
+prepare() runs the pre-pass in the training step's micro-batches (train.micro_batch_tokens packed, or
+train.micro_batch_size sequences: the step's memory, not a whole padded group), or reuses a complete cache made
+from the same inputs (fingerprint.json); RefCache reads it lazily and checks every row against its length. Called by train.py; `cfg` is train.Config.
 """
 import hashlib
 import json
@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import packing
 from model_utils import print0
 
 
@@ -73,7 +74,7 @@ def _cache_action(cache_dir: str, fingerprint: dict, step: int) -> str:
 
 
 def prepare(cfg, d, logprob_fn, dataset, tokenizer, step: int) -> "RefCache":
-    """log pi_ref of every kept teacher token, in micro-batches of train.micro_batch_size sequences (the
+    """log pi_ref of every kept teacher token, in the training step's micro-batches (_micro_batches: the
     step's memory, not a whole padded group); rank r takes questions r::world and writes rank<r>.safetensors
     (one tensor per response, exactly its length - 1), then fingerprint.json and COMPLETE (the commit).
     logprob_fn(batch) -> logp [b, t]: the policy's log-probs (train.logprobs), the reference before step 1."""
@@ -89,14 +90,12 @@ def prepare(cfg, d, logprob_fn, dataset, tokenizer, step: int) -> "RefCache":
     if action not in ("reuse", "compute"):
         raise SystemExit(action)  # every rank, so none waits for the others
     if action == "compute":
-        G, mbs = cfg.data.group_size, cfg.train.micro_batch_size
-        rows = [(qi, j) for qi in range(d.rank, len(dataset), d.world_size) for j in range(G)]
-        n_batches = math.ceil(math.ceil(len(dataset) / d.world_size) * G / mbs)  # equal on every rank (FSDP)
+        rows = [(qi, j) for qi in range(d.rank, len(dataset), d.world_size) for j in range(cfg.data.group_size)]
         tensors, last = {}, {}
         with torch.no_grad():
-            for b in tqdm(range(n_batches), desc="ref logprobs", disable=d.rank != 0):
-                chunk = rows[b * mbs:(b + 1) * mbs] or rows[-mbs:] or [(0, 0)]  # idle ranks repeat a batch
-                batch, lengths = _rows_batch(dataset, chunk, tokenizer.pad_token_id, last)
+            for chunk in tqdm(_micro_batches(cfg, d, dataset, rows), desc="ref logprobs", disable=d.rank != 0):
+                batch, lengths = _rows_batch(dataset, chunk, tokenizer.pad_token_id, last,
+                                             packed=bool(cfg.train.micro_batch_tokens))
                 lp = logprob_fn(batch).float().cpu()                                  # [b, t]
                 for k, ((qi, j), n) in enumerate(zip(chunk, lengths)):
                     if qi % d.world_size == d.rank:
@@ -111,8 +110,24 @@ def prepare(cfg, d, logprob_fn, dataset, tokenizer, step: int) -> "RefCache":
     return RefCache(cache_dir, d.world_size)
 
 
-def _rows_batch(dataset, rows, pad_id, memo: dict):
-    """Padded batch of single responses (qi, j) -> (batch, lengths); memo keeps the last question's item."""
+def _micro_batches(cfg, d, dataset, rows: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """This rank's rows (question, response) in micro-batches, as many on every rank (FSDP): packed bins of
+    train.micro_batch_tokens (packing.plan_across_ranks), or train.micro_batch_size rows. A rank left with
+    fewer rows repeats one (its results are discarded or equal)."""
+    if cfg.train.micro_batch_tokens:
+        lengths = [dataset.lengths(qi)[j] for qi, j in rows]
+        bins = packing.plan_across_ranks(lengths, cfg.train.micro_batch_tokens, d.device)
+        chunks = [sorted(rows[i] for i in b) for b in bins]  # (question order: the memo below hits)
+    else:
+        mbs = cfg.train.micro_batch_size
+        n_batches = math.ceil(math.ceil(len(dataset) / d.world_size) * cfg.data.group_size / mbs)
+        chunks = [rows[b * mbs:(b + 1) * mbs] for b in range(n_batches)]
+    return [c or rows[-1:] or [(0, 0)] for c in chunks]
+
+
+def _rows_batch(dataset, rows, pad_id, memo: dict, packed: bool = False):
+    """Padded batch of single responses (qi, j) -> (batch, lengths), with its packed row when `packed`; memo
+    keeps the last question's item."""
     items = []
     for qi, j in rows:
         if memo.get("qi") != qi:
@@ -120,7 +135,10 @@ def _rows_batch(dataset, rows, pad_id, memo: dict):
         it = memo["item"]
         items.append({"input_ids": [it["input_ids"][j]], "loss_mask": [it["loss_mask"][j]],
                       "rewards": [it["rewards"][j]]})
-    return data.collate(items, pad_id), [len(it["input_ids"][0]) for it in items]
+    batch = data.collate(items, pad_id)
+    if packed:
+        batch["packed"] = packing.pack([torch.tensor(it["input_ids"][0]) for it in items])
+    return batch, [len(it["input_ids"][0]) for it in items]
 
 
 class RefCache:

@@ -41,6 +41,7 @@ import data
 import eval.math as eval_math
 import loss as L
 import model_utils as mu
+import packing
 import reference
 import reward
 from eval.metrics import summarize
@@ -64,6 +65,9 @@ class ModelConfig:
     reshard_after_forward: bool = True    # free gathered layer params after forward (False: keep them for backward)
     param_dtype: str = "bfloat16"         # FSDP2 compute dtype on GPU; CPU always computes in float32
     logprob_backend: str = "auto"         # fused_logprobs backend: auto | triton | torch
+    attn_implementation: str = "sdpa"     # transformers attention: sdpa | eager | flex_attention | flash_attention_2
+                                          # (all exact on packed rows, see packing.py; flash_attention_2 needs the
+                                          # flash-attn package and a GPU, and skips sdpa's [L, L] packed mask)
 
 
 @dataclass
@@ -121,6 +125,9 @@ class OptimConfig:
 class TrainConfig:
     questions_per_step: int = 32          # global batch in questions (x group_size sequences)
     micro_batch_size: int = 8             # sequences per rank per forward/backward (gradient accumulation)
+    micro_batch_tokens: int = 0           # > 0: padding-free micro-batches instead -- whole sequences packed into
+                                          # one row of at most this many tokens (a longer one goes alone); the
+                                          # loss is the same, micro_batch_size is then unused; 0 = padded rows
     epochs: float = 1.0                   # passes over the data; sets max_steps when max_steps = -1
     max_steps: int = -1                   # optimizer steps; -1 = from epochs
     save_every: int = 100                 # resumable state every N steps (and at the end / on SIGTERM)
@@ -281,6 +288,10 @@ def validate(cfg: Config) -> None:
     need(cfg.data.overlong in ("truncate", "drop"), f"data.overlong must be truncate or drop, got {cfg.data.overlong!r}")
     need(cfg.rollout.max_batch_tokens >= 1, "rollout.max_batch_tokens must be >= 1")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
+    need(cfg.train.micro_batch_tokens >= 0, "train.micro_batch_tokens must be >= 0 (0 = padded micro-batches)")
+    attn = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+    need(cfg.model.attn_implementation in attn,
+         f"model.attn_implementation must be one of {', '.join(attn)}, got {cfg.model.attn_implementation!r}")
 
 
 def validate_paths(cfg: Config) -> None:
@@ -429,7 +440,7 @@ def build_models(cfg: Config, d, *, device_type: str | None = None):
     build = dict(path=cfg.model.path, init_config=cfg.model.init_config, dist=d,
                  param_dtype=compute_dtype(cfg, device_type or d.device.type), reduce_dtype=torch.float32,
                  trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
-                 shard_layers=cfg.model.shard_layers)
+                 shard_layers=cfg.model.shard_layers, attn_implementation=cfg.model.attn_implementation)
     model = mu.build_model(**build, activation_checkpointing=cfg.model.activation_checkpointing,
                            reshard_after_forward=cfg.model.reshard_after_forward)
     ref_model = None
@@ -441,9 +452,35 @@ def build_models(cfg: Config, d, *, device_type: str | None = None):
 
 
 def logprobs(cfg: Config, d, model, batch, entropy=False):
-    """logp [b, t] (and entropy [b, t]) of a padded batch's targets by the fused lm_head + log-softmax (eq. 7)."""
+    """logp [b, t] (and entropy [b, t]) of a batch's targets by the fused lm_head + log-softmax (eq. 7): one
+    forward over its packed row when it has one (batch["packed"], packing.pack), else over its padded rows."""
+    if "packed" in batch:
+        return mu.packed_logprobs(model, batch["packed"], batch["input_ids"].shape[1],
+                                  backend=cfg.model.logprob_backend, return_entropy=entropy)
     return mu.sequence_logprobs(model, batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device),
                                 backend=cfg.model.logprob_backend, return_entropy=entropy)
+
+
+def micro_batches(cfg: Config, d, lengths: list[int]) -> list[list[int]]:
+    """The rows of a rank's step (or pre-pass) in micro-batches: with train.micro_batch_tokens, bins of whole
+    sequences packed up to that many tokens (packing.plan), as many on every rank (FSDP: each forward is a
+    collective; the max over ranks, one all-reduce, fewer-binned ranks split bins); else micro_batch_size rows
+    in length order (less padding). The loss is a sum over rows, so any split gives the same step."""
+    if cfg.train.micro_batch_tokens:  # (every rank holds as many rows, so no bin stays empty)
+        return packing.plan_across_ranks(lengths, cfg.train.micro_batch_tokens, d.device)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[lo:lo + cfg.train.micro_batch_size] for lo in range(0, len(order), cfg.train.micro_batch_size)]
+
+
+def make_batch(cfg: Config, full: dict, rows: list[int], lengths: list[int]) -> dict:
+    """The micro-batch of `rows` of a collated step: input_ids / attention_mask / loss_mask [b, width] trimmed to
+    the longest row, and with train.micro_batch_tokens its packed row for the forward ("packed")."""
+    width = max(lengths[r] for r in rows)
+    idx = torch.tensor(rows)                                                           # [b]
+    batch = {k: full[k][idx, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
+    if cfg.train.micro_batch_tokens:
+        batch["packed"] = packing.pack([full["input_ids"][r, :lengths[r]] for r in rows])
+    return batch
 
 
 # --------------------------------------------------------------------------- resume
@@ -560,9 +597,9 @@ def micro_batch_loss(cfg: Config, d, model, ref_model, ref_cache, batch: dict, a
 
 def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: list[dict], qidx: list[int],
                lr: float, pad_id: int) -> dict:
-    """One optimizer step over this rank's groups: advantages per whole group (eqs. 1-2), then micro-batches
-    of train.micro_batch_size rows in length order (less padding; the loss is a sum over rows, so any split
-    gives the same step), backward each; grad-norm clip and AdamW unless the loss or norm is non-finite."""
+    """One optimizer step over this rank's groups: advantages per whole group (eqs. 1-2), then the micro-batches
+    (micro_batches: packed or padded), backward each; grad-norm clip and AdamW unless the loss or norm is
+    non-finite."""
     G, lc = cfg.data.group_size, cfg.loss
     counts = step_counts(cfg, d, items)
     full = data.collate(items, pad_id)
@@ -573,16 +610,14 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
         adv_all = L.group_advantages(rewards_all, G, scale_by_std=lc.scale_by_std,
                                      all_positive_bias=lc.all_positive_bias)           # [B_rank]
     stats = torch.zeros(6, dtype=torch.float64, device=d.device)                       # [6]
-    lengths = full["attention_mask"].sum(1)                                            # [B_rank]
-    n_tok = lengths.tolist()
+    n_tok = full["attention_mask"].sum(1).tolist()
     row_key = [(qi, j, n_tok[i * G + j]) for i, qi in enumerate(qidx) for j in range(G)]  # (question, response, tokens)
-    by_length = torch.argsort(lengths, stable=True)                                    # [B_rank]
-    for lo in range(0, len(row_key), cfg.train.micro_batch_size):
-        rows = by_length[lo:lo + cfg.train.micro_batch_size]                           # [b]
-        width = int(lengths[rows].max())                                               # trim shared padding
-        batch = {k: full[k][rows, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
-        loss, mb_stats = micro_batch_loss(cfg, d, model, ref_model, ref_cache, batch, adv_all[rows],
-                                          rewards_all[rows], [row_key[r] for r in rows.tolist()], counts)
+    plan = micro_batches(cfg, d, n_tok)
+    for rows in plan:
+        batch = make_batch(cfg, full, rows, n_tok)
+        idx = torch.tensor(rows, device=d.device)                                      # [b]
+        loss, mb_stats = micro_batch_loss(cfg, d, model, ref_model, ref_cache, batch, adv_all[idx],
+                                          rewards_all[idx], [row_key[r] for r in rows], counts)
         loss.backward()
         stats += mb_stats
     all_pos = sum(all(r > 0 for r in it["rewards"]) for it in items)
@@ -603,6 +638,7 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
     optimizer.zero_grad(set_to_none=True)
     n = counts.num_seqs
     return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "finite": finite,
+            "perf/micro_batches": len(plan),
             "policy/adv_mean": adv_sum / n, "policy/kl_mean": kl_sum / n, "policy/entropy": ent_sum / n,
             "data/all_positive_share": all_pos / n_q, "data/reward_mean": reward_sum / (n_q * G)}
 

@@ -8,7 +8,8 @@ build, activation checkpointing, fully_shard per layer, bf16 MixedPrecisionPolic
 backward, the grad-norm clip and the optimizer step, inside torch's FakeTensorMode with a fake process group
 of world N (torch.testing._internal.distributed.fake_pg) on a "cpu" mesh built outside fake mode.
 FSDPMemTracker (torch.distributed._tools, torchtitan's estimator works this way) records each phase's peak
-by category. Every micro-batch is micro_batch_size sequences of data.max_len tokens (the worst case).
+by category. Every micro-batch is the largest train.py forms (micro_batch_lengths): micro_batch_size sequences
+of data.max_len tokens, or with train.micro_batch_tokens one packed row of at least two sequences.
 
 Phases (each one's peak includes the persistent state alive at that point; a live reference model's sharded
 weights are added to every phase, since the tracker follows one root module):
@@ -41,6 +42,7 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model_utils as mu  # noqa: E402
+import packing  # noqa: E402
 import train  # noqa: E402
 
 GIB = 2**30
@@ -73,17 +75,33 @@ def peak(tracker) -> dict:
     return {"peak_gib": by_name["Total"] / GIB, **out}
 
 
-def fake_batch(cfg, rows: int):
-    """micro-batch of `rows` sequences of data.max_len tokens, prompt 1,024 tokens (real CPU tensors, like
-    data.collate's output; the model sees fake ones after .to(device))."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+def micro_batch_lengths(cfg) -> list[int]:
+    """The sequence lengths of the largest micro-batch train.py forms: micro_batch_size sequences of data.max_len
+    tokens, or with train.micro_batch_tokens one packed row filled to max(budget, max_len) tokens (a sequence
+    longer than the budget goes alone) in at least two equal sequences, so that sdpa's [L, L] packed mask exists."""
     T = cfg.data.max_len
-    prompt = min(1024, T // 4)
+    if not cfg.train.micro_batch_tokens:
+        return [T] * cfg.train.micro_batch_size
+    total = max(cfg.train.micro_batch_tokens, T)
+    k = max(2, -(-total // T))
+    return [total // k + (j < total % k) for j in range(k)]
+
+
+def fake_batch(cfg, lengths: list[int]):
+    """A micro-batch of sequences of `lengths` tokens, prompt min(1,024, n / 4) tokens each (real CPU tensors,
+    like train.make_batch's output; the model sees fake ones after .to(device)), packed as train.py packs it
+    when train.micro_batch_tokens is set."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     with unset_fake_temporarily():
-        loss_mask = torch.ones(rows, T)
-        loss_mask[:, :prompt] = 0
-        return {"input_ids": torch.zeros(rows, T, dtype=torch.long),
-                "attention_mask": torch.ones(rows, T, dtype=torch.long), "loss_mask": loss_mask}
+        width = max(lengths)
+        pos = torch.arange(width)[None]                                                # [1, T]
+        n = torch.tensor(lengths)[:, None]                                             # [b, 1]
+        prompt = torch.tensor([min(1024, x // 4) for x in lengths])[:, None]           # [b, 1]
+        batch = {"input_ids": torch.zeros(len(lengths), width, dtype=torch.long),
+                 "attention_mask": (pos < n).long(), "loss_mask": ((pos >= prompt) & (pos < n)).float()}
+        if cfg.train.micro_batch_tokens:
+            batch["packed"] = packing.pack([torch.zeros(x, dtype=torch.long) for x in lengths])
+        return batch
 
 
 class ZeroRefCache:
@@ -102,20 +120,20 @@ def through_call(model):
 
 
 def phase_ref_prepass(cfg, d, model, tracker_cls):
-    batch = fake_batch(cfg, cfg.train.micro_batch_size)
+    batch = fake_batch(cfg, micro_batch_lengths(cfg))
     with tracker_cls(model) as t, torch.no_grad():
         train.logprobs(cfg, d, model, batch)
     return peak(t)
 
 
 def phase_train_step(cfg, d, model, ref_model, optimizer, tracker_cls):
-    mbs = cfg.train.micro_batch_size
-    batch = fake_batch(cfg, mbs)
-    adv, rewards = torch.ones(mbs), torch.ones(mbs)  # (fake: they meet fake logp on the device)
+    lengths = micro_batch_lengths(cfg)
+    batch = fake_batch(cfg, lengths)
+    adv, rewards = torch.ones(len(lengths)), torch.ones(len(lengths))  # (fake: they meet fake logp on the device)
     n = float(cfg.train.questions_per_step * cfg.data.group_size)
     counts = train.StepCounts(num_seqs=n, num_tokens=n * cfg.data.max_len)
     ref_cache = ZeroRefCache() if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached" else None
-    rows = [(0, j, cfg.data.max_len) for j in range(mbs)]
+    rows = [(0, j, n) for j, n in enumerate(lengths)]
     peaks = []
     for _ in range(2):  # the second iteration runs with AdamW's state allocated
         with tracker_cls(model, optimizer) as t:
@@ -253,8 +271,12 @@ def main(argv=None):
     phases = rehearse(cfg, a.world)
     budget = a.gpu_memory - a.reserve
     fits = all(p["peak_gib"] <= budget for p in phases.values())
-    print(f"{a.config}: world {a.world}, {cfg.data.max_len} tokens x {cfg.train.micro_batch_size} sequences per "
-          f"micro-batch, {cfg.loss.name}, budget {a.gpu_memory:g} GiB - {a.reserve:g} reserve ({time.time() - t0:.0f} s)")
+    lengths = micro_batch_lengths(cfg)
+    shape = (f"packed micro-batches of {cfg.train.micro_batch_tokens} tokens (rehearsed: {len(lengths)} sequences, "
+             f"{sum(lengths)} tokens in one row)" if cfg.train.micro_batch_tokens else
+             f"{cfg.data.max_len} tokens x {cfg.train.micro_batch_size} sequences per micro-batch")
+    print(f"{a.config}: world {a.world}, {shape}, {cfg.loss.name}, budget {a.gpu_memory:g} GiB - {a.reserve:g} "
+          f"reserve ({time.time() - t0:.0f} s)")
     print(f"{'phase':<12} {'peak GiB':>9} " + " ".join(f"{c:>12}" for c in CATEGORIES))
     for name, p in phases.items():
         print(f"{name:<12} {p['peak_gib']:>9.1f} " + " ".join(f"{p[c]:>12.1f}" for c in CATEGORIES)

@@ -222,9 +222,47 @@ def check_state(d: mu.Dist, tmp: str):
         assert torch.equal(w, theirs[n]), f"resumed step differs at {n}"
 
 
+def check_packed(d: mu.Dist, tmp: str):
+    """packed_logprobs (one padding-free row per rank) == sequence_logprobs of the same sequences padded, for
+    values, entropy and gradients, with sdpa and eager attention; and attention stays inside each sequence:
+    changing one packed sequence's tokens leaves every other sequence's log-probs bit-for-bit as they were."""
+    import packing
+    ids, mask = batch()
+    rows = list(range(d.rank, B, d.world_size))
+    lengths = [int(mask[r].sum()) for r in rows]
+    width = max(lengths)
+    for attn in ("sdpa", "eager"):
+        model = mu.build_model(path=None, init_config={**TINY, "tie_word_embeddings": True}, dist=d,
+                               param_dtype=torch.float32, reduce_dtype=torch.float32, activation_checkpointing=True,
+                               seed=0, attn_implementation=attn)
+        padded_ids, padded_mask = ids[rows, :width], mask[rows, :width]                # [b, width]
+        lp, ent = mu.sequence_logprobs(model, padded_ids, padded_mask, temperature=TEMP, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+        grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        packed = packing.pack([ids[r, :n] for r, n in zip(rows, lengths)])
+        assert packed["input_ids"].shape == (1, sum(lengths))  # no padding at all
+        plp, pent = mu.packed_logprobs(model, packed, width, temperature=TEMP, return_entropy=True)
+        assert plp.shape == lp.shape == (len(rows), width - 1)
+        close(plp, lp, f"{attn}: packed logp")
+        close(pent, ent, f"{attn}: packed entropy")
+        (plp.sum() + pent.sum()).backward()
+        for n, p in model.named_parameters():
+            close(p.grad.full_tensor(), grads[n], f"{attn}: packed grad {n}", atol=1e-4)
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():  # one sequence changed (the first): the others' log-probs do not move at all
+            base = mu.packed_logprobs(model, packed, width)
+            changed = [ids[r, :n].clone() for r, n in zip(rows, lengths)]
+            changed[0] = (changed[0] + 7) % TINY["vocab_size"]
+            other = mu.packed_logprobs(model, packing.pack(changed), width)
+        assert not torch.equal(other[0], base[0]), f"{attn}: the changed sequence's log-probs did not change"
+        assert torch.equal(other[1:], base[1:]), f"{attn}: attention crossed into another packed sequence"
+        assert_sharded(model)
+
+
 if __name__ == "__main__":
     check, tmp = sys.argv[1], sys.argv[2]
     dist = mu.setup_distributed()
-    {"logprobs": check_logprobs, "hf": check_hf, "state": check_state}[check](dist, tmp)
+    {"logprobs": check_logprobs, "hf": check_hf, "state": check_state, "packed": check_packed}[check](dist, tmp)
     mu.print0(f"OK {check} world={dist.world_size}")
     mu.teardown_distributed()

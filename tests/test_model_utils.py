@@ -118,3 +118,10 @@ def test_setup_distributed_on_cuda_asks_for_a_group_that_serves_cpu_tensors_too(
     assert asked["device_id"] == torch.device("cuda", 3) == asked["set_device"] == d.device
     assert asked["timeout"] == datetime.timedelta(seconds=5400)
     assert (d.rank, d.world_size, d.mesh) == (3, 8, ("cuda", (8,)))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_packed_logprobs_match_padded_and_stay_inside_sequences(nproc, tmp_path):
+    """One padding-free packed row per rank (sdpa and eager) gives the padded rows' log-probs, entropy and
+    gradients, and changing one packed sequence leaves the others' log-probs exactly unchanged."""
+    run_worker("packed", nproc, tmp_path)

@@ -182,6 +182,29 @@ def test_bias05_same_losses_on_1_and_2_ranks_and_micro_batches(lab):
     assert_same_weights(one / "hf" / "final", two / "hf" / "final", atol=1e-5)
 
 
+def test_packed_micro_batches_same_as_padded(lab):
+    """train.micro_batch_tokens (whole sequences packed into padding-free rows, position_ids restarting per
+    sequence) gives the padded run's per-step losses (<= 1e-5 relative) and final weights, on 1 and 2 ranks, for
+    SFT and for off-policy GRPO with the cached reference (whose pre-pass is packed too)."""
+    sft = base_config(lab["root"], lab["data"], max_steps=3)
+    grpo = grpo_config(lab, "x", loss={"ref_logprobs": "cached"})
+    for name, cfg, budget in (("sft", sft, 300), ("grpo", grpo, 400)):
+        padded = run_train(lab["root"] / f"pack-{name}-padded", cfg, nproc=1)
+        mp = metrics(padded)
+        for nproc in (1, 2):
+            packed = run_train(lab["root"] / f"pack-{name}-{nproc}", cfg, nproc=nproc,
+                               extra=[f"train.micro_batch_tokens={budget}"])
+            mk = metrics(packed)
+            assert [m["loss"] for m in mk] == pytest.approx([m["loss"] for m in mp], rel=1e-5, abs=1e-7)
+            assert [m["grad_norm"] for m in mk] == pytest.approx([m["grad_norm"] for m in mp], rel=1e-5)
+            assert_same_weights(padded / "hf" / "final", packed / "hf" / "final", atol=1e-5)
+            # really packed: fewer forwards than the padded run's rows per rank, several sequences per row
+            rows_per_rank = cfg["train"]["questions_per_step"] * cfg["data"]["group_size"] // nproc
+            assert all(m["perf/micro_batches"] < rows_per_rank for m in mk), [m["perf/micro_batches"] for m in mk]
+        if name == "grpo":
+            assert mp[-1]["policy/kl_mean"] > 0 and os.path.exists(packed / "ref_logprobs" / "COMPLETE")
+
+
 @pytest.mark.parametrize("agg", [{"agg": "token-mean", "kl_clamp": 0.01},
                                  {"agg": "seq-mean-token-sum-norm", "agg_len": 300}])
 def test_other_aggregations_same_losses_on_1_and_2_ranks_and_micro_batches(lab, agg):
