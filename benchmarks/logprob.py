@@ -2,6 +2,9 @@
 
     python benchmarks/logprob.py                      # N=4096, H=512, V=151,936 (Qwen2 vocabulary)
     python benchmarks/logprob.py --n 1024 --v 32000 --entropy
+    python benchmarks/logprob.py --real               # on a GPU: N=8k and 32k, H=3,584, V=152,064 (7B), bf16
+
+On CUDA the Triton path runs beside the chunked torch path and the naive one, one table per N.
 
 Each variant runs in a fresh subprocess, so one variant's allocations cannot hide or inflate another's.
 Memory on CPU: the extra resident memory of one forward+backward, peak ru_maxrss (the kernel's high-water mark
@@ -122,7 +125,8 @@ def worker(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=4096, help="tokens")
+    p.add_argument("--n", type=int, nargs="+", default=[4096], help="tokens (several: one table each)")
+    p.add_argument("--real", action="store_true", help="the 7B shapes: --n 8192 32768 --h 3584 --v 152064, bf16")
     p.add_argument("--h", type=int, default=512, help="hidden size")
     p.add_argument("--v", type=int, default=151936, help="vocabulary size")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -135,15 +139,25 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="interleaved timed calls per variant after the first")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.real:
+        args.n, args.h, args.v, args.dtype = [8192, 32768], 3584, 152064, args.dtype or "bf16"
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.worker:
+        args.n = args.n[0]
         return worker(args)
+    for n in args.n:
+        compare(args, n)
 
+
+def compare(args, n):
+    """One table: every variant at n tokens, each in its own worker process."""
     variants = ["naive", "torch"] + (["triton"] if args.device == "cuda" else [])
     procs, results = {}, {}
     for variant in variants:  # first calls one after another: no two variants' peaks overlap
-        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", variant, "--dtype", args.dtype,
-               "--device", args.device]
+        cmd = [sys.executable, os.path.abspath(__file__), "--n", str(n), "--h", str(args.h), "--v", str(args.v),
+               "--temperature", str(args.temperature), "--chunk-mib", str(args.chunk_mib), "--threads",
+               str(args.threads), "--worker", variant, "--dtype", args.dtype, "--device", args.device]
+        cmd += ["--entropy"] if args.entropy else []
         procs[variant] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = procs[variant].stdout.readline()
         if not line:
@@ -162,10 +176,10 @@ def main():
         proc.wait()
 
     threads = args.threads or torch.get_num_threads()
-    print(f"N={args.n} H={args.h} V={args.v} dtype={args.dtype} device={args.device} entropy={args.entropy} "
+    print(f"N={n} H={args.h} V={args.v} dtype={args.dtype} device={args.device} entropy={args.entropy} "
           f"chunk={args.chunk_mib:g} MiB threads={threads} calls/variant={1 + args.repeats}; "
-          f"naive fp32 logits alone = {args.n * args.v * 4 / 2**20:.0f} MiB")
-    print(f"{'variant':8} {'extra MiB':>10} {'wall s':>8} {'cpu s':>8} {'mem/naive':>10} {'wall/naive':>10} "
+          f"naive fp32 logits alone = {n * args.v * 4 / 2**20:.0f} MiB")
+    print(f"{'variant':8} {'extra MiB':>10} {'wall ms':>9} {'cpu s':>8} {'mem/naive':>10} {'wall/naive':>10} "
           f"{'cpu/naive':>10} {'TFLOP/s':>8}")
     ref = results["naive"]
     for variant, r in results.items():
@@ -173,8 +187,8 @@ def main():
         mem, ref_mem = r["extra_bytes"], ref["extra_bytes"]
         mib = "n/a" if mem is None else f"{mem / 2**20:.1f}"
         mem_ratio = "n/a" if mem is None or ref_mem is None else f"{mem / ref_mem:.3f}"
-        print(f"{variant:8} {mib:>10} {wall:8.2f} {cpu:8.2f} {mem_ratio:>10} {wall / min(ref['walls']):10.3f} "
-              f"{cpu / min(ref['cpus']):10.3f} {8 * args.n * args.h * args.v / wall / 1e12:8.3f}")
+        print(f"{variant:8} {mib:>10} {wall * 1e3:9.1f} {cpu:8.2f} {mem_ratio:>10} {wall / min(ref['walls']):10.3f} "
+              f"{cpu / min(ref['cpus']):10.3f} {8 * n * args.h * args.v / wall / 1e12:8.3f}")
     print("per-call wall s: " + "; ".join(f"{v} " + " ".join(f"{t:.1f}" for t in r["walls"])
                                           for v, r in results.items()))
 

@@ -1,11 +1,12 @@
-"""Compile fused_logprob's Triton kernels ahead of time for real GPUs, without one; run by tests/test_triton_aot.py.
+"""Compile triton_logprob's kernels ahead of time for real GPUs, without one; run by tests/test_triton_aot.py.
 
 Must run in a process where TRITON_INTERPRET is unset (under the interpreter the kernels are not JITFunctions).
-Each variant is one specialization the launchers in fused_logprob.py can produce: the tiles from tiles_for, the
-constexprs from _fwd_constexprs / _bwd_constexprs (the launchers' own helpers), lowered with
+Each variant is one specialization the launchers in triton_logprob.py can produce: the tiles from tiles_for, the
+constexprs from constexprs() (the launchers' own helper), lowered with
 triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) to PTX and a cubin by the ptxas inside the
-triton wheel. Prints one JSON object per variant: shared memory per block (compiled.metadata.shared), and the
-registers and spills from `ptxas -v` on compiled.asm["ptx"], or the compile error.
+triton wheel. Prints one JSON object per variant: shared memory per block (compiled.metadata.shared), the
+registers and spills from `ptxas -v` on compiled.asm["ptx"], the MMA instructions and the count of atomic
+instructions in the PTX, or the compile error.
 
     python tests/_triton_aot_worker.py [--shard I --of K]     compiles variants I, I+K, I+2K, ...
                                                             (last line: {"done": compiled, "of": assigned})
@@ -28,44 +29,44 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import fused_logprob as fl  # noqa: E402
+import triton_logprob as tlp  # noqa: E402
 
 # max shared memory per block (the opt-in limit, cudaDevAttrMaxSharedMemoryPerBlockOptin) per architecture
 SMEM_LIMIT = {80: 166_912, 89: 101_376, 90: 232_448}  # A100, L4/L40S/RTX 4090, H100/H200
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# the backward's (WITH_ENTROPY, NEED_GH, NEED_GW): entropy with or without a gradient x the needed input grads
-# (both: train.py's step; one: a frozen lm_head or hidden); (False, False) launches nothing
-BWD_FLAGS = [(ent, gh, gw) for ent in (True, False) for gh, gw in ((True, True), (True, False), (False, True))]
+KERNELS = {"fwd": tlp._fwd_kernel, "dz": tlp._dz_kernel}
 
 
 def variants():
-    """(arch, dtype name, kernel name, flags, aligned) of every compile. fp16 differs from bf16 only in the
-    operand type (same tiles, same tf32 dots), so it gets the forward and train.py's backward (both grads) only.
-    Unaligned (see alignment_attrs): the forward with entropy and the backward with everything, in bf16 and fp32."""
+    """(arch, dtype name, kernel name, with_entropy, candidate index, aligned) of every compile: each kernel with and
+    without entropy for every candidate of tiles_for. fp16 differs from bf16 only in the operand type (same tiles),
+    so it gets the entropy variants only. Unaligned (see alignment_attrs): the default candidate with entropy, in
+    bf16 and fp32."""
     out = []
     for arch in SMEM_LIMIT:
-        for dt in DTYPES:
-            out += [(arch, dt, "fwd", (ent,), True) for ent in (True, False)]
-            out += [(arch, dt, "bwd", f, True) for f in BWD_FLAGS if dt != "fp16" or f[1:] == (True, True)]
-            if dt != "fp16":
-                out += [(arch, dt, "fwd", (True,), False), (arch, dt, "bwd", BWD_FLAGS[0], False)]
+        for dt, dtype in DTYPES.items():
+            for i, kname in enumerate(KERNELS):
+                for c in range(len(tlp.tiles_for((arch // 10, arch % 10), dtype)[i])):
+                    out += [(arch, dt, kname, ent, c, True) for ent in ((True,) if dt == "fp16" else (True, False))]
+                if dt != "fp16":
+                    out.append((arch, dt, kname, True, 0, False))
     return out
 
 
 def signature(kernel, dtype_name, constexprs):
-    """Argument types as the JIT derives them from the launchers' arguments: hidden/weight in the input dtype,
-    int64 targets, fp32 everything else (outputs, lse, E_p[z], upstream grads, fp32 grad accumulators)."""
+    """Argument types as the JIT derives them from the launchers' arguments: hidden, weight and dz in the input
+    dtype, int64 targets, fp32 everything else (partials, lse, E_p[z], upstream grads), i32 sizes."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("h_ptr", "w_ptr"):
+        elif name in ("h_ptr", "w_ptr", "dz_ptr"):
             sig[name] = f"*{dtype_name}"
         elif name == "t_ptr":
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
-        elif name in ("N", "V", "H", "ignore_index"):
+        elif name in ("N", "V", "H", "SPLIT_V", "NUM_SPLITS", "N_BUCKET"):
             sig[name] = "i32"
         elif name == "scale":
             sig[name] = "fp32"
@@ -74,16 +75,21 @@ def signature(kernel, dtype_name, constexprs):
     return sig
 
 
+# ints that are multiples of 16 in every real launch: V and H of real models, SPLIT_V (a multiple of the tiles'
+# block_v), N_BUCKET (a power of two >= 1024)
+DIVISIBLE_INTS = ("V", "H", "SPLIT_V", "N_BUCKET")
+
+
 def alignment_attrs(kernel, sig, aligned):
     """The JIT marks 16-byte-aligned pointers and ints divisible by 16 (tt.divisibility 16), and compiles one
     kernel per such specialization. Aligned: a typical launch, every tensor 16-byte aligned and V, H multiples
-    of 16 (Qwen2.5-7B: V=152,064, H=3,584), N arbitrary; its vectorized loads become async copies that the
-    pipeliner buffers in shared memory. Unaligned: an H that is no multiple of 16 (the tests' shapes) or a view
-    at an odd offset; no vectorized loads, usually less shared memory but not always (sm_90's fp32 backward)."""
+    of 16 (Qwen2.5-7B: V=152,064, H=3,584), N arbitrary; its vectorized loads become async copies (TMA-free
+    cp.async) that the pipeliner buffers in shared memory. Unaligned: an H that is no multiple of 16 (the tests'
+    shapes) or a view at an odd offset: element-wise loads."""
     if not aligned:
         return {}
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-            if sig[name].startswith("*") or name in ("V", "H")}
+            if sig[name].startswith("*") or name in DIVISIBLE_INTS}
 
 
 def ptxas_for(arch):
@@ -112,22 +118,35 @@ def ptxas_usage(ptx, arch):
                 spill_stores=int(spill.group(1)) if spill else None, spill_loads=int(spill.group(2)) if spill else None)
 
 
-def compile_variant(arch, dtype_name, kernel_name, flags, aligned):
+# the MMA instructions in the PTX: sm_90's warpgroup MMAs and sm_8x's mma.sync, with their operand types
+WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.f32\.(\w+)\.(\w+)")
+MMA_SYNC = re.compile(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)\.row\.col\.f32\.(\w+)\.(\w+)\.f32")
+ATOMIC = re.compile(r"^\s*(atom|red)\.", re.MULTILINE)
+
+
+def mma_kinds(ptx):
+    """Sorted 'wgmma <type>' / 'mma.sync <type>' of every tensor-core MMA in the PTX (empty: FMA dots only)."""
+    kinds = {f"wgmma {a}" + ("" if a == b else f"x{b}") for _, a, b in WGMMA.findall(ptx)}
+    kinds |= {f"mma.sync {a}" + ("" if a == b else f"x{b}") for _, a, b in MMA_SYNC.findall(ptx)}
+    return sorted(kinds)
+
+
+def compile_variant(arch, dtype_name, kernel_name, with_entropy, candidate, aligned):
     dtype = DTYPES[dtype_name]
-    fwd_tiles, bwd_tiles = fl.tiles_for((arch // 10, arch % 10), dtype)
-    if kernel_name == "fwd":
-        kernel, tiles, constexprs = fl._fwd_kernel, fwd_tiles, fl._fwd_constexprs(fwd_tiles, dtype, *flags)
-    else:
-        kernel, tiles, constexprs = fl._bwd_kernel, bwd_tiles, fl._bwd_constexprs(bwd_tiles, dtype, *flags)
+    tiles = tlp.tiles_for((arch // 10, arch % 10), dtype)[list(KERNELS).index(kernel_name)][candidate]
+    kernel, constexprs = KERNELS[kernel_name], tlp.constexprs(tiles, dtype, with_entropy)
     sig = signature(kernel, dtype_name, constexprs)
-    row = dict(arch=arch, dtype=dtype_name, kernel=kernel_name, flags=list(flags), aligned=aligned,
-               tiles=vars(tiles).copy(), smem_limit=SMEM_LIMIT[arch])
+    row = dict(arch=arch, dtype=dtype_name, kernel=kernel_name, entropy=with_entropy, candidate=candidate,
+               aligned=aligned, tiles=vars(tiles).copy(), smem_limit=SMEM_LIMIT[arch])
     start = time.perf_counter()
     try:
         compiled = triton.compile(ASTSource(kernel, sig, constexprs, alignment_attrs(kernel, sig, aligned)),
                                   target=GPUTarget("cuda", arch, 32), options=tiles.options)
+        ptx = compiled.asm["ptx"]
         row["shared"] = compiled.metadata.shared
-        row.update(ptxas_usage(compiled.asm["ptx"], arch))
+        row["mma"] = mma_kinds(ptx)
+        row["atomics"] = len(ATOMIC.findall(ptx))
+        row.update(ptxas_usage(ptx, arch))
     except Exception:  # reported to the test, which fails on it
         row["error"] = traceback.format_exc(limit=3)[-4000:]
     row["seconds"] = round(time.perf_counter() - start, 2)

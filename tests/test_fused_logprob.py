@@ -13,12 +13,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fused_logprob  # noqa: E402
-from fused_logprob import Tiles, fused_logprobs  # noqa: E402
+import triton_logprob  # noqa: E402
+from fused_logprob import fused_logprobs  # noqa: E402
+from triton_logprob import Tiles  # noqa: E402
 
 IGNORE = -100
-# several token blocks, vocab tiles and H steps on these shapes, and a short last group in the backward order
-SMALL_FWD = Tiles(block_n=16, block_v=32, block_h=16, group_n=1, num_warps=4, num_stages=1)
-SMALL_BWD = Tiles(block_n=16, block_v=32, block_h=16, group_n=2, num_warps=4, num_stages=1)
+# several token blocks, vocabulary slices and tiles, H steps on these shapes, and a short last group of blocks
+SMALL = Tiles(block_n=16, block_v=32, block_h=16, group_n=2, num_warps=4, num_stages=1)
 
 
 def naive(hidden, weight, targets, temperature):
@@ -35,8 +36,9 @@ def use_variant(monkeypatch, variant, n_rows_per_chunk=4, vocab=None):
     """Backend name for a test variant; patches chunk size / tile sizes where the variant asks for it."""
     if variant == "torch-chunked":  # 4 tokens per chunk: many chunks and a partial last one
         monkeypatch.setattr(fused_logprob, "CHUNK_BYTES", 4 * vocab * n_rows_per_chunk)
-    if variant == "triton-small":
-        monkeypatch.setattr(fused_logprob, "tiles_for", lambda capability, dtype: (SMALL_FWD, SMALL_BWD))
+    if variant == "triton-small":  # and backward chunks of 16 tokens at the tests' V (several, a partial last)
+        monkeypatch.setattr(triton_logprob, "tiles_for", lambda capability, dtype: ((SMALL,), (SMALL,)))
+        monkeypatch.setattr(fused_logprob, "DZ_CHUNK_BYTES", 16 * 4 * (vocab or 128))
     return variant.split("-")[0]
 
 
@@ -107,7 +109,7 @@ def test_matches_naive(monkeypatch, variant, dtype, case):
 @pytest.mark.parametrize("variant", ["torch", "triton-small"])
 def test_one_output_used_one_input_trained(monkeypatch, variant):
     """Gradient from the entropy alone (logp unused) into hidden only; and from logp alone into weight only."""
-    backend = use_variant(monkeypatch, variant)
+    backend = use_variant(monkeypatch, variant, vocab=100)
     hidden, weight, targets, g_logp, g_ent = make_inputs(19, 24, 100, torch.float32, 3, seed=1)
     temp = 1.3
     r_logp, r_ent = naive(hidden, weight.requires_grad_(), targets, temp)
@@ -124,6 +126,25 @@ def test_one_output_used_one_input_trained(monkeypatch, variant):
     logp, _ = fused_logprobs(hidden, w, targets, temperature=temp, return_entropy=True, backend=backend)
     (gw_logp,) = torch.autograd.grad((logp * g_logp).sum(), w)
     close(gw_logp, r_gw_logp, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_backward_is_deterministic(monkeypatch, dtype):
+    """Two backward passes over the same inputs give bitwise equal gradients: every dz element is written by one
+    program and the GEMMs over chunks run in a fixed order. The interpreter runs programs one by one, so this
+    alone would not catch atomics racing on a GPU; tests/test_triton_aot.py checks that the compiled kernels hold
+    no atomic instruction."""
+    use_variant(monkeypatch, "triton-small", vocab=300)
+    hidden, weight, targets, g_logp, g_ent = make_inputs(37, 40, 300, dtype, 5, seed=3)
+
+    def fused(hh, ww, tt):
+        return fused_logprobs(hh, ww, tt, temperature=0.9, return_entropy=True, backend="triton")
+
+    first = grads_of(fused, hidden, weight, targets, g_logp, g_ent, True)
+    second = grads_of(fused, hidden, weight, targets, g_logp, g_ent, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert first[2].abs().sum() > 0 and first[3].abs().sum() > 0  # real gradients, not two zeros
 
 
 def test_triton_noncontiguous_inputs(monkeypatch):
@@ -209,9 +230,9 @@ class NoLaunch:
 
 def without_kernels(monkeypatch):
     """As on a CPU machine without the interpreter, and any launch fails."""
-    monkeypatch.setattr(fused_logprob, "_INTERPRETED", False)
-    for name in ("_fwd_kernel", "_bwd_kernel"):
-        monkeypatch.setattr(fused_logprob, name, NoLaunch(name))
+    monkeypatch.setattr(triton_logprob, "_INTERPRETED", False)
+    for name in ("_fwd_kernel", "_dz_kernel"):
+        monkeypatch.setattr(triton_logprob, name, NoLaunch(name))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -222,6 +243,7 @@ def test_fake_tensors(monkeypatch, backend):
     the interpreter hours: this returns at once only because nothing is launched."""
     n, h, v = 4096, 512, 32000
     without_kernels(monkeypatch)
+    monkeypatch.setattr(fused_logprob, "DZ_CHUNK_BYTES", 2 * v * 256)  # 256-token dz chunks, smaller than [V, H]
     with FakeTensorMode():
         hidden = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
         weight = torch.randn(v, h, dtype=torch.bfloat16, requires_grad=True)
@@ -266,8 +288,9 @@ class Allocations(TorchDispatchMode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fake_triton_path_allocates_what_the_real_one_does(monkeypatch, dtype):
-    """The fake Triton path's allocations equal those of a real (interpreted) run, op for op: logp, lse, E_p[z],
-    entropy, the fp32 gradient accumulators and their casts to the input dtype."""
+    """The fake Triton path's allocations equal those of a real (interpreted) run, op for op: the forward's
+    vocabulary-slice partials, dh, the fp32 dW accumulator, one dz chunk buffer and the cast of dW to the input
+    dtype; only the CPU-only upcasts of the GEMM operands (no out_dtype GEMMs on CPU) are not in the fake run."""
     use_variant(monkeypatch, "triton-small")
     n, h, v = 20, 32, 90
     hidden, weight, targets, _, _ = make_inputs(n, h, v, dtype, 2)
@@ -285,9 +308,17 @@ def test_fake_triton_path_allocates_what_the_real_one_does(monkeypatch, dtype):
         with Allocations() as fake:
             fwd_bwd(*fake_inputs)
     f32 = torch.float32
-    expected = [("empty", (n,), f32)] * 4 + [("ones_like", (), f32)]  # logp, lse, ez, ent; d(sum)/d(sum)
-    expected += [("zeros", (n, h), f32), ("zeros", (v, h), f32)]  # the fp32 grad accumulators
+    rows = min(n, fused_logprob.DZ_CHUNK_BYTES // (v * weight.element_size()))  # tokens per backward chunk
+    splits = triton_logprob.num_splits(n, v, SMALL.block_n, SMALL.block_v, triton_logprob.INTERPRETER_SMS)[0]
+    expected = [("empty", (4, splits, n), f32), ("ones_like", (), f32)]  # the forward's partials; d(sum)/d(sum)
+    expected += [("empty_like", (n, h), dtype), ("zeros", (v, h), f32), ("empty", (rows, v), dtype)]  # dh, dW, dz
+    cpu_upcasts = []  # torch's CPU GEMMs have no out_dtype: the real interpreted run upcasts dz and h per chunk
     if dtype != f32:
-        expected += [("_to_copy", (n, h), dtype), ("_to_copy", (v, h), dtype)]  # the returned gradients
-    assert real.seen == expected
-    assert fake.seen == real.seen
+        for s in range(0, n, rows):
+            c = min(rows, n - s)
+            cpu_upcasts += [("_to_copy", (v, c), f32), ("_to_copy", (c, h), f32)]
+        expected_tail = [("_to_copy", (v, h), dtype)]  # the returned weight gradient in the input dtype
+    else:
+        expected_tail = []
+    assert real.seen == expected + cpu_upcasts + expected_tail
+    assert fake.seen == expected + expected_tail

@@ -1,14 +1,16 @@
-"""fused_logprob's Triton kernels compile for real GPUs and fit their shared memory, checked without a GPU.
+"""triton_logprob's kernels compile for real GPUs, fit their shared memory and use the MMAs meant, checked without a GPU.
 
-tests/_triton_aot_worker.py compiles, ahead of time, every kernel specialization the launchers can produce
-(forward with and without entropy; backward for each entropy / needed-gradient combination; aligned shapes,
-and unaligned ones for the heaviest variants) with the tiles tiles_for picks, for sm_80, sm_89 and sm_90, in
-bf16, fp16 and fp32: 72 compiles, about 70 s of CPU time (triton 3.9). It runs in its own processes with
-TRITON_INTERPRET removed from the environment (this suite sets it for the interpreter tests) and a fresh triton
-cache. The test fails on a compile error or on shared memory per block over the architecture's limit (a kernel
-that would fail at its first launch), and prints shared memory, registers and spills per kernel (pytest -s).
-Spills are reported, not asserted: aligned, the 16-bit forward spills up to 24 B per thread on every
-architecture; unaligned (element-wise loads) 16-bit kernels spill up to 1.4 KB.
+tests/_triton_aot_worker.py compiles, ahead of time, every kernel specialization the launchers can produce (the
+split forward and the logit-gradient kernel, each with and without entropy, for every autotuning candidate of
+tiles_for; aligned shapes, plus unaligned ones for the default candidate) for sm_80, sm_89 and sm_90 in bf16,
+fp16 and fp32: 60 compiles, about 3 s each (triton 3.9). It runs in its own processes with TRITON_INTERPRET
+removed from the environment (this suite sets it for the interpreter tests) and a fresh triton cache.
+The test fails on a compile error, on shared memory per block over the architecture's limit (a kernel that would
+fail at its first launch), on any atomic instruction (the backward is meant to be deterministic), on a 16-bit
+sm_90 kernel that does not lower to wgmma of its own dtype (bf16 -> wgmma bf16, not tf32 on upcast tiles), on an
+sm_8x one without mma.sync of its dtype, and on any aligned 16-bit kernel that spills registers (unaligned
+launches, element-wise loads, spill up to ~0.8 KB per thread: reported, not asserted). It prints
+shared memory, registers, spills and MMA kinds per kernel (pytest -s; the table is in the README).
 """
 import json
 import os
@@ -48,31 +50,43 @@ def compile_all(cache_dir):
 
 
 def name(r):
-    names = ("entropy",) if r["kernel"] == "fwd" else ("entropy", "gh", "gw")
-    flags = "+".join(n for n, f in zip(names, r["flags"]) if f) or "-"
-    return f"sm_{r['arch']} {r['dtype']} {r['kernel']} {flags} {'aligned' if r['aligned'] else 'unaligned'}"
+    ent = "entropy" if r["entropy"] else "-"
+    return (f"sm_{r['arch']} {r['dtype']} {r['kernel']} {ent} #{r['candidate']} "
+            f"{'aligned' if r['aligned'] else 'unaligned'}")
 
 
 def table(rows):
-    head = "| kernel | BN x BV x BH, warps, stages | shared B / limit | regs | spill st/ld B |"
+    head = "| kernel | BN x BV x BH, warps, stages | shared B / limit | regs | spill st/ld B | MMA |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    order = (lambda r: (r["arch"], r["dtype"], r["kernel"], not r["aligned"], [not f for f in r["flags"]]))
+    order = (lambda r: (r["arch"], r["dtype"], r["kernel"], not r["aligned"], r["candidate"], not r["entropy"]))
     for r in sorted(rows, key=order):
         t = r["tiles"]
         tiles = f"{t['block_n']}x{t['block_v']}x{t['block_h']}, {t['num_warps']}, {t['num_stages']}"
-        usage = "ERROR | | " if "error" in r else (
-            f"{r['shared']:,} / {r['smem_limit']:,} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']}")
+        usage = "ERROR | | | " if "error" in r else (
+            f"{r['shared']:,} / {r['smem_limit']:,} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
+            f"{', '.join(r['mma']) or 'FMA'}")
         lines.append(f"| {name(r)} | {tiles} | {usage} |")
     return "\n".join(lines)
 
 
-def test_kernels_compile_for_sm80_sm89_sm90_and_fit_shared_memory(tmp_path):
+def test_kernels_compile_for_sm80_sm89_sm90_fit_and_use_native_mma(tmp_path):
     rows = compile_all(tmp_path / "triton-cache")
     print("\n" + table(rows))
     assert {r["arch"] for r in rows} == {80, 89, 90} and {r["dtype"] for r in rows} == {"bf16", "fp16", "fp32"}
+    assert {r["kernel"] for r in rows} == {"fwd", "dz"}
     errors = [f"{name(r)}:\n{r['error']}" for r in rows if "error" in r]
     assert not errors, "compile errors:\n" + "\n".join(errors)
     over = [f"{name(r)} {r['tiles']}: {r['shared']:,} B > "
             f"{r['smem_limit']:,} B" for r in rows if r["shared"] > r["smem_limit"]]
     assert not over, "shared memory over the per-block limit (the launch would fail):\n" + "\n".join(over)
     assert all(r["registers"] is not None for r in rows), "ptxas -v printed no register count"
+    atomics = [name(r) for r in rows if r["atomics"]]
+    assert not atomics, f"atomic instructions (a nondeterministic backward): {atomics}"
+    for r in rows:
+        if r["dtype"] == "fp32":
+            continue
+        ptx_type = {"bf16": "bf16", "fp16": "f16"}[r["dtype"]]
+        want = f"wgmma {ptx_type}" if r["arch"] == 90 else f"mma.sync {ptx_type}"
+        assert r["mma"] == [want], f"{name(r)} lowers to {r['mma']}, not {want}"
+        if r["aligned"]:
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{name(r)} spills: {r}"
