@@ -128,6 +128,8 @@ class TrainConfig:
     micro_batch_tokens: int = 0           # > 0: padding-free micro-batches instead -- whole sequences packed into
                                           # one row of at most this many tokens (a longer one goes alone); the
                                           # loss is the same, micro_batch_size is then unused; 0 = padded rows
+                                          # (with sdpa a packed row's attention costs T^2: slower on the tiny lab,
+                                          # benchmarks/packing.py; meant for flash_attention_2 on GPUs)
     epochs: float = 1.0                   # passes over the data; sets max_steps when max_steps = -1
     max_steps: int = -1                   # optimizer steps; -1 = from epochs
     save_every: int = 100                 # resumable state every N steps (and at the end / on SIGTERM)
