@@ -13,7 +13,7 @@ One optimizer step:
   4. per micro-batch: logp by the fused lm_head+log-softmax (fused_logprob.py), ref_logp (live model
      or cached pre-pass) for the k3 KL, advantages per group, the per-token loss (loss.py), backward;
   5. clip the grad norm, AdamW step, warmup + cosine; a non-finite loss or grad norm skips the step;
-  6. log metrics.jsonl, save resumable state (ckpt/) and HF exports (hf/step-N, hf/final);
+  6. log the step's metrics row (train.loggers: metrics.jsonl, TensorBoard, W&B), save resumable state (ckpt/) and HF exports (hf/step-N, hf/final);
   7. after every validation.every_epochs-th epoch: sample and grade the validation set on all ranks, log val/
      rows, export hf/epoch-N and keep the best epoch in hf/best (best.json).
 Before the loop: data.num_questions draws the question subset; the cached reference pre-pass (reference.py).
@@ -39,6 +39,7 @@ from transformers import AutoTokenizer
 
 import data
 import eval.math as eval_math
+import loggers
 import loss as L
 import model_utils as mu
 import packing
@@ -139,6 +140,11 @@ class TrainConfig:
     seed: int = 0                         # sampler order, init, sampling
     max_nonfinite: int = 3                # abort after this many non-finite steps in a row
     sample_every: int = 0                 # decoded samples to samples.jsonl every N steps; 0 = never
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # where metrics rows go: jsonl (metrics.jsonl),
+                                          # tensorboard (output_dir/tb), wandb (see loggers.py)
+    wandb_project: str = "offgrpo"        # W&B project (train.loggers has wandb)
+    wandb_name: str | None = None         # W&B run name; None = output_dir's last component
+    wandb_mode: str = "online"            # online | offline (no network; `wandb sync` later) | disabled
     stop_after: int = 0                   # save and exit at this step (time-boxed jobs; the schedule still
                                           # follows max_steps, so a resumed run continues it); 0 = never
     collective_timeout_s: int = 3600      # process-group timeout: longer than the longest stretch one rank spends
@@ -291,6 +297,8 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.max_batch_tokens >= 1, "rollout.max_batch_tokens must be >= 1")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     need(cfg.train.micro_batch_tokens >= 0, "train.micro_batch_tokens must be >= 0 (0 = padded micro-batches)")
+    bad_loggers = loggers.check(cfg.train.loggers, cfg.train.wandb_mode)
+    need(bad_loggers is None, bad_loggers)
     attn = ("sdpa", "eager", "flex_attention", "flash_attention_2")
     need(cfg.model.attn_implementation in attn,
          f"model.attn_implementation must be one of {', '.join(attn)}, got {cfg.model.attn_implementation!r}")
@@ -360,8 +368,13 @@ def run(cfg: Config) -> None:
     if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached":
         ref_cache = reference.prepare(cfg, d, lambda batch: logprobs(cfg, d, model, batch), dataset, tokenizer,
                                       step)
-    train_loop(cfg, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop,
-               step=step, total_steps=total_steps, nonfinite_total=nonfinite_total, validated=validated)
+    metrics = open_metrics_log(cfg, d, step)
+    try:
+        train_loop(cfg, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop, metrics,
+                   step=step, total_steps=total_steps, nonfinite_total=nonfinite_total, validated=validated)
+    finally:  # (a stop, SIGTERM or an abort leaves train_loop by SystemExit)
+        if metrics is not None:
+            metrics.close()
     mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", "final"), dist=d)
     print0(f"done: {total_steps} steps; model in {os.path.join(cfg.output_dir, 'hf', 'final')}")
     mu.teardown_distributed()
@@ -375,6 +388,15 @@ def write_resolved_config(cfg: Config, d) -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+
+def open_metrics_log(cfg: Config, d, step: int):
+    """Rank 0's loggers.MetricsLog over train.loggers (resumed at `step`); None on the other ranks."""
+    if d.rank != 0:
+        return None
+    tc = cfg.train
+    return loggers.MetricsLog(cfg.output_dir, tc.loggers, resume_step=step, wandb_project=tc.wandb_project,
+                              wandb_name=tc.wandb_name, wandb_mode=tc.wandb_mode, run_config=dataclasses.asdict(cfg))
 
 
 def install_sigterm_handler() -> dict:
@@ -647,14 +669,13 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
 
 # --------------------------------------------------------------------------- the loop
 
-def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop: dict, *,
-               step: int, total_steps: int, nonfinite_total: int, validated: int) -> None:
+def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop: dict,
+               metrics, *, step: int, total_steps: int, nonfinite_total: int, validated: int) -> None:
     """Optimizer steps until total_steps: draw the step's questions, roll out (on-policy), train_step, log,
     samples, checkpoints; after every validation.every_epochs-th epoch (the state saved first), validation.
     A non-finite step is skipped; max_nonfinite in a row abort. SIGTERM (any rank) or train.stop_after: every
     rank saves at the same step and exits 0. `validated`: epochs whose validation is done."""
     streak = 0
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     val_records = None
     if cfg.validation.every_epochs:
         val_records = eval_math.load_records(cfg.validation.data, cfg.validation.limit)
@@ -663,7 +684,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         epochs_done = int(sampler.progress)
         if epochs_done > validated:  # an epoch ended: its state is saved (below), so a kill here repeats only this
             if val_records and epochs_done % cfg.validation.every_epochs == 0:
-                validate_epoch(cfg, d, model, tokenizer, val_records, epoch=epochs_done, step=step)
+                validate_epoch(cfg, d, model, tokenizer, val_records, metrics, epoch=epochs_done, step=step)
             validated = epochs_done
         if step >= total_steps:
             break
@@ -687,8 +708,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         if d.rank == 0:
             row = {"step": step, **row, "seconds": seconds, "perf/tokens_per_second": row["tokens"] / max(seconds, 1e-9),
                    "data/epoch": sampler.progress, "loss/nonfinite_skipped": nonfinite_total}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            metrics.log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
             bar.update(1)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0:
@@ -713,7 +733,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
 
 # --------------------------------------------------------------------------- validation
 
-def validate_epoch(cfg: Config, d, model, tokenizer, records: list[dict], *, epoch: int, step: int) -> None:
+def validate_epoch(cfg: Config, d, model, tokenizer, records: list[dict], metrics, *, epoch: int, step: int) -> None:
     """After epoch `epoch`: every rank samples validation.n answers to its share of the problems (r::world,
     mu.generate: collective-free decoding), grades them with eval.math.grade; rank 0 summarises them
     (eval.metrics.summarize), logs a metrics row with val/ keys, and -- after the hf/epoch-N export --
@@ -739,8 +759,7 @@ def validate_epoch(cfg: Config, d, model, tokenizer, records: list[dict], *, epo
     if d.rank == 0:
         summary = summarize([s for part in gathered for s in part])
         scores = {f"val/{k}": v for k, v in summary.items() if k.startswith(("avg@", "pass@", "maj@"))}
-        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "val/epoch": epoch, **scores}) + "\n")
+        metrics.log({"step": step, "val/epoch": epoch, **scores})
         print0(f"validation after epoch {epoch} (step {step}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         best_path = os.path.join(cfg.output_dir, "best.json")
         best = None

@@ -3,7 +3,7 @@
 # post-training variant from that same base (sft, offgrpo, bias05, krafton_code, onpolicy; torchrun, 2 ranks),
 # each on a drawn question subset for 2 epochs with validation after each epoch (the blog's protocol) ->
 # evaluation of each variant's best epoch (hf/best) on held-out in-distribution and harder problems ->
-# runs/tiny/results.{md,json}.
+# runs/tiny/results.{md,json,png} and runs/tiny/curves.png (every variant's training curves, eval.plot).
 #   bash launch/demo.sh              # one post-training seed
 #   bash launch/demo.sh --seeds 3    # three seeds per variant: the table gives mean ± spread
 set -euo pipefail
@@ -58,6 +58,7 @@ for seed in $(seq 0 $((seeds - 1))); do
   evaluate $seed "${models[@]}"
 done
 
-python -m eval.table $runs/eval --out $runs/results.md --json $runs/results.json
+python -m eval.table $runs/eval --out $runs/results.md --json $runs/results.json  # + results.png (bar chart)
+python -m eval.plot $runs/{sft,offgrpo,bias05,krafton_code,onpolicy}/seed* --out $runs/curves.png
 stamp "done"
 cat $runs/results.md
