@@ -3,26 +3,26 @@
     raw rows --parse_row--> math (question, response) pairs grouped by question text --majority_vote-->
     gold, per-sample rewards, agreement --drop / keep group_size (seeded)--> curated JSONL + report
 
-The rules are curate()'s docstring; the record schema and the malformed-input rule (skip and count, >1% of
-non-blank lines aborts with DataError) are data.py's, whose reading utilities (MalformedCounter,
-iter_json_lines, DataError) this module imports. Data flows one way: raw rows -> curate.py -> curated
-records -> data.py -> batches; data.py imports this module only to forward its `curate` CLI command.
+The rules are curate()'s docstring; the record schema is data.py's; the malformed-input rule (skip and count,
+>1% of non-blank lines aborts with DataError) is jsonl_io.py's, which both modules read through. Data flows
+one way: raw rows -> curate.py -> curated records -> data.py -> batches; neither imports the other.
 
 CLI:  python curate.py --input RAW.jsonl|RAW.parquet [...] --output CURATED.jsonl [--group-size 8]
           [--min-samples G] [--min-agreement 0.5] [--seed 0] [--workers N]
-      (`python data.py curate ...` is the same command.) Prints the report (format_report), writes
-      CURATED.jsonl and CURATED.jsonl.report.json; a DataError is one line on stderr and exit status 2.
+      Prints the report (format_report), writes CURATED.jsonl and CURATED.jsonl.report.json. Bad input
+      is one line `curate.py: error: ...` on stderr and exit status 2, nothing written (cli.py): a missing --input, an --output that
+      cannot be written or is an --input, --group-size / --workers < 1, --min-samples < --group-size,
+      --min-agreement outside [0, 1] (all checked before reading), and a DataError (too many malformed lines).
 Sections: raw OpenThoughts3 rows (iter_raw_rows, parse_row) | curation (curate) | report (format_report, CLI).
 """
-import argparse
 import hashlib
 import json
 import os
 import random
-import sys
 from collections import Counter
 
-from data import DataError, MalformedCounter, iter_json_lines
+import cli
+from jsonl_io import DataError, MalformedCounter, iter_json_lines
 
 
 # --------------------------------------------------------------------------- raw OpenThoughts3 rows
@@ -106,22 +106,52 @@ def _vote(job):
 def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5, seed=0, workers=1):
     """Raw rows -> curated JSONL (one record per question) + <output>.report.json; returns the report.
 
-    1. read rows (parse_row), group math rows by whitespace-normalised question text;
+    1. read rows (parse_row), group math rows by whitespace-normalised question text (_group_rows);
     2. answers = extract_answer(response); gold, rewards = majority_vote(all answers of the question)
        (math-verify equivalence clusters; equal strings short-circuit in answers_equivalent);
-       agreement = |majority cluster| / #samples (unanswered samples count in the denominator);
+       agreement = |majority cluster| / #samples (unanswered samples count in the denominator) (_vote_groups);
     3. drop questions, in this order: fewer than min_samples (default group_size) samples, no boxed
        answer in any sample, a tie for the majority (gold None), agreement < min_agreement;
     4. keep group_size responses: a random subset from random.Random(f"{seed}:{question key}") over the
        samples sorted by response hash -- deterministic given the seed and the samples, not file order;
-       all_positive = every kept reward > 0.
-    Two passes over the inputs (answers and line numbers first, kept responses second) keep memory small.
+       all_positive = every kept reward > 0 (_select).
+    Two passes over the inputs (answers and line numbers first, kept responses second: _write_kept) keep memory
+    small. The output is written to <output>.tmp and renamed when complete.
     """
-    from reward import extract_answer
     min_samples = group_size if min_samples is None else min_samples
     if min_samples < group_size:
         raise ValueError(f"min_samples {min_samples} < group_size {group_size}")
-    counter, groups, skipped = MalformedCounter(), {}, Counter()
+    counter = MalformedCounter()
+    groups, skipped = _group_rows(inputs, counter)
+    counter.check("curate")
+    drops = Counter({"too_few_samples": 0, "no_boxed_answer": 0, "tie": 0, "low_agreement": 0})
+    jobs, votes = _vote_groups(groups, min_samples, workers, drops)
+    kept, wanted, hist, gold_correct = _select(groups, jobs, votes, len(inputs), group_size=group_size,
+                                               min_agreement=min_agreement, seed=seed, drops=drops)
+    num_kept, num_all_positive = len(kept), sum(r["all_positive"] for r in kept.values())
+    _write_kept(inputs, output, kept, wanted)
+    report = {"inputs": [str(p) for p in inputs], "output": str(output),
+              "settings": {"group_size": group_size, "min_samples": min_samples, "min_agreement": min_agreement,
+                           "seed": seed},
+              "rows_read": counter.total, "rows_malformed": counter.num_malformed, "malformed": counter.reasons,
+              "rows_not_math": skipped["rows_not_math"], "rows_no_domain": skipped["rows_no_domain"],
+              "questions_read": len(groups), "questions_kept": num_kept, "dropped": dict(drops),
+              "all_positive_share": num_all_positive / num_kept if num_kept else 0.0,
+              "agreement_histogram": {f"[{i / 10:.1f},{(i + 1) / 10:.1f}{']' if i == 9 else ')'}": n
+                                      for i, n in enumerate(hist)}}
+    if gold_correct["voted"]:  # synthetic task: majority label vs the ground truth
+        report["majority_accuracy"] = {k: sum(v) / len(v) if v else None for k, v in gold_correct.items()}
+    with open(f"{output}.report.json.tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(f"{output}.report.json.tmp", f"{output}.report.json")
+    return report
+
+
+def _group_rows(inputs, counter):
+    """First pass: {question key: {question, samples [(response digest, answer, file index, line)], source,
+    difficulty, dag}} and the counts of skipped rows; malformed rows go to counter."""
+    from reward import extract_answer
+    groups, skipped = {}, Counter()
     for fi, line_no, row in iter_raw_rows(inputs, counter):
         reason, parsed = parse_row(row)
         if reason == "not_math":
@@ -137,8 +167,12 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
             g["question"] = min(g["question"], question)  # a deterministic variant when rows differ in spacing
             digest = hashlib.sha1(response.encode()).digest()[:8]
             g["samples"].append((digest, extract_answer(response), fi, line_no))
-    counter.check("curate")
-    drops = Counter({"too_few_samples": 0, "no_boxed_answer": 0, "tie": 0, "low_agreement": 0})
+    return groups, skipped
+
+
+def _vote_groups(groups, min_samples, workers, drops):
+    """Drop the groups with too few samples or no boxed answer (counted in drops); majority-vote the others:
+    (jobs [(key, (answers, true answer or None))], votes [(gold, rewards, gold correct or None)])."""
     jobs = []
     for key, g in groups.items():
         g["samples"].sort()
@@ -155,8 +189,15 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
             votes = pool.map(_vote, [j for _, j in jobs], chunksize=max(1, len(jobs) // (8 * workers)))
     else:
         votes = [_vote(j) for _, j in jobs]
-    kept, hist, gold_correct = {}, [0] * 10, {"voted": [], "kept": []}  # kept: key -> record skeleton
-    wanted = [dict() for _ in inputs]  # file index -> {line_no: (key, slot)}
+    return jobs, votes
+
+
+def _select(groups, jobs, votes, num_inputs, *, group_size, min_agreement, seed, drops):
+    """Drop ties and low agreement (counted in drops); pick each kept question's group_size responses.
+    Returns (kept {key: record without its responses}, wanted [per input file {line: (key, slot)}], the
+    agreement histogram [10], gold correctness {"voted": [...], "kept": [...]} where the truth is known)."""
+    kept, hist, gold_correct = {}, [0] * 10, {"voted": [], "kept": []}
+    wanted = [dict() for _ in range(num_inputs)]
     for (key, _), (gold, rewards, correct) in zip(jobs, votes):
         g = groups[key]
         if gold is None:
@@ -182,8 +223,13 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
         if g["dag"] is not None:
             rec["dag"] = g["dag"]
         kept[key] = rec
-    num_kept, num_all_positive = len(kept), sum(r["all_positive"] for r in kept.values())
-    with open(output, "w") as f:  # second pass: fetch the kept responses, write each question when complete
+    return kept, wanted, hist, gold_correct
+
+
+def _write_kept(inputs, output, kept, wanted):
+    """Second pass: fetch the kept responses and write each question's record once it is complete, to
+    <output>.tmp, renamed to output at the end. Empties `kept`."""
+    with open(output + ".tmp", "w") as f:
         for fi, line_no, row in iter_raw_rows(inputs, MalformedCounter(), wanted):
             key, slot = wanted[fi][line_no]
             rec = kept[key]
@@ -191,20 +237,7 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
             if all(r is not None for r in rec["responses"]):
                 f.write(json.dumps(kept.pop(key)) + "\n")
     assert not kept, "second pass missed responses"
-    report = {"inputs": [str(p) for p in inputs], "output": str(output),
-              "settings": {"group_size": group_size, "min_samples": min_samples, "min_agreement": min_agreement,
-                           "seed": seed},
-              "rows_read": counter.total, "rows_malformed": counter.num_malformed, "malformed": counter.reasons,
-              "rows_not_math": skipped["rows_not_math"], "rows_no_domain": skipped["rows_no_domain"],
-              "questions_read": len(groups), "questions_kept": num_kept, "dropped": dict(drops),
-              "all_positive_share": num_all_positive / num_kept if num_kept else 0.0,
-              "agreement_histogram": {f"[{i / 10:.1f},{(i + 1) / 10:.1f}{']' if i == 9 else ')'}": n
-                                      for i, n in enumerate(hist)}}
-    if gold_correct["voted"]:  # synthetic task: majority label vs the ground truth
-        report["majority_accuracy"] = {k: sum(v) / len(v) if v else None for k, v in gold_correct.items()}
-    with open(f"{output}.report.json", "w") as f:
-        json.dump(report, f, indent=1)
-    return report
+    os.replace(output + ".tmp", output)
 
 
 def _true_answer(dag):
@@ -231,9 +264,11 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def main(argv=None, prog=None):
-    """Parse the curate arguments, run curate(), print the report; prog names the command in messages."""
-    ap = argparse.ArgumentParser(prog=prog, description="OpenThoughts3 rows (JSONL/parquet) -> curated groups JSONL")
+def main(argv=None):
+    """Parse the curate arguments, run curate(), print the report."""
+    command = "curate.py"
+    ap = cli.ArgumentParser(prog=command, command=command,
+                            description="OpenThoughts3 rows (JSONL/parquet) -> curated groups JSONL")
     ap.add_argument("--input", nargs="+", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--group-size", type=int, default=8, help="responses kept per question")
@@ -242,14 +277,39 @@ def main(argv=None, prog=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="voting processes")
     args = ap.parse_args(argv)
+    check_args(args, command)
     try:
         report = curate(args.input, args.output, group_size=args.group_size, min_samples=args.min_samples,
                         min_agreement=args.min_agreement, seed=args.seed, workers=args.workers)
     except DataError as e:
-        print(f"{ap.prog.split()[0]}: error: {e}", file=sys.stderr)  # "data.py" or "curate.py": the script run
-        sys.exit(2)
+        cli.fail(command, e)
     print(format_report(report))
     print(f"wrote {args.output} and {args.output}.report.json")
+
+
+def check_args(args, command):
+    """The CLI's checks before any row is read (module docstring); one line and exit 2 on the first that fails."""
+    def bad(message):
+        cli.fail(command, message)
+
+    if args.group_size < 1:
+        bad(f"--group-size {args.group_size}: must be >= 1")
+    if args.min_samples is not None and args.min_samples < args.group_size:
+        bad(f"--min-samples {args.min_samples}: must be >= --group-size ({args.group_size})")
+    if not 0 <= args.min_agreement <= 1:
+        bad(f"--min-agreement {args.min_agreement:g}: must be in [0, 1]")
+    if args.workers < 1:
+        bad(f"--workers {args.workers}: must be >= 1")
+    for path in args.input:
+        if not os.path.isfile(path):
+            bad(f"--input {path}: {'is a directory' if os.path.isdir(path) else 'no such file'} (give OpenThoughts3 "
+                "rows as .jsonl or .parquet files)")
+    for path in (args.output, f"{args.output}.report.json"):
+        why = cli.unwritable(path)
+        if why:
+            bad(f"--output {args.output}: cannot be written: {why}")
+    if any(os.path.exists(args.output) and os.path.samefile(args.output, p) for p in args.input):
+        bad(f"--output {args.output} is also an --input; write the curated records elsewhere")
 
 
 if __name__ == "__main__":

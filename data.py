@@ -7,89 +7,19 @@ Curated record (one JSONL line per question):
     {"id", "question", "responses": [G str], "rewards": [G float], "gold": str | null,
      "agreement": float, "all_positive": bool, "difficulty": int | null, "source": str | null, "dag"?: {...}}
 
-Malformed-input rule (raw rows and curated records alike): a malformed line is skipped and counted by
-reason, with the first offending file:line named; if more than 1% of the non-blank lines are malformed the
-read aborts with DataError (the CLI prints its one-line message, no traceback, and exits with status 2).
-The reading utilities that implement it (DataError, MalformedCounter, iter_json_lines) live here and
-curate.py imports them; data.py does not import curate.py except to forward its CLI command.
-
-CLI:  python data.py curate ARGS  is  python curate.py ARGS  (OpenThoughts3 curation, rules: curate.curate()).
-Sections: reading utilities | curated records (read_records, sampling_weights, read_pass_rates) |
-tokenisation and batching (GroupDataset, collate) | sampling (draw_questions, GroupSampler) | CLI.
+Malformed-input rule (raw rows and curated records alike, jsonl_io.py): a malformed line is skipped and
+counted by reason, with the first offending file:line named; if more than 1% of the non-blank lines are
+malformed the read aborts with DataError (train.py prints its one-line message, no traceback, exit 2).
+Curation is `python curate.py` (curate.py imports nothing from here; both read through jsonl_io.py).
+Sections: curated records (read_records, sampling_weights, read_pass_rates) | tokenisation and batching
+(GroupDataset, collate) | sampling (draw_questions, GroupSampler).
 """
 import json
-import os
-import sys
 
 import numpy as np
 import torch
 
-# --------------------------------------------------------------------------- reading utilities (curate.py uses them)
-
-MAX_MALFORMED_FRACTION = 0.01
-
-
-class DataError(Exception):
-    """Input data unusable as a whole (too many malformed lines, no rows, a broken chat template)."""
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs)
-
-
-class MalformedCounter:
-    """Counts skipped lines by reason and remembers the first offending file:line of each reason."""
-
-    def __init__(self):
-        self.total = 0  # non-blank lines seen
-        self.reasons = {}  # reason -> {"count": int, "first": "file:line"}
-
-    def bad(self, reason, where):
-        entry = self.reasons.setdefault(reason, {"count": 0, "first": where})
-        entry["count"] += 1
-
-    @property
-    def num_malformed(self):
-        return sum(e["count"] for e in self.reasons.values())
-
-    def check(self, what):
-        """Raise DataError when nothing was read or more than MAX_MALFORMED_FRACTION of lines are malformed."""
-        if self.total == 0:
-            raise DataError(f"{what}: no rows read")
-        if self.num_malformed > MAX_MALFORMED_FRACTION * self.total:
-            detail = ", ".join(f"{r} x{e['count']} (first at {e['first']})" for r, e in sorted(self.reasons.items()))
-            raise DataError(f"{what}: {self.num_malformed}/{self.total} lines malformed "
-                            f"(> {MAX_MALFORMED_FRACTION:.0%}): {detail}")
-
-
-def iter_json_lines(path, counter, wanted=None):
-    """Yield (line_no, obj) for each non-blank line of a JSONL file that decodes to a JSON object.
-
-    Bytes are decoded strictly as UTF-8 (invalid bytes -> reason "non_utf8"). With `wanted` (a set of line
-    numbers) other lines are neither decoded nor counted (the second curation pass)."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if wanted is not None:
-                if line_no in wanted:
-                    yield line_no, json.loads(raw)
-                continue
-            if not raw.strip():
-                continue
-            counter.total += 1
-            try:
-                obj, reason = json.loads(raw.decode("utf-8")), None
-            except UnicodeDecodeError:
-                reason = "non_utf8"
-            except json.JSONDecodeError:
-                reason = "bad_json"
-            if reason is None and not isinstance(obj, dict):
-                reason = "not_object"
-            if reason is not None:
-                counter.bad(reason, f"{path}:{line_no}")
-                continue
-            yield line_no, obj
-
+from jsonl_io import DataError, MalformedCounter, iter_json_lines, print0  # noqa: F401 (DataError: data.DataError)
 
 # --------------------------------------------------------------------------- curated records (training side)
 
@@ -403,21 +333,3 @@ class GroupSampler:
 
     def load_state_dict(self, state):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-# --------------------------------------------------------------------------- CLI
-
-def main(argv=None):
-    """`python data.py curate ARGS` runs `python curate.py ARGS` (the README, configs and launch scripts use it)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] != ["curate"]:
-        usage = "usage: data.py curate --input RAW [...] --output CURATED [...]  (= curate.py; data.py curate -h)"
-        helped = argv[:1] in (["-h"], ["--help"])
-        print(usage, file=sys.stdout if helped else sys.stderr)
-        sys.exit(0 if helped else 2)
-    import curate  # here, not at the top: curate imports data (raw rows -> curate -> records -> data)
-    curate.main(argv[1:], prog="data.py curate")
-
-
-if __name__ == "__main__":
-    main()

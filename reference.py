@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import data
 import packing
-from model_utils import print0
+from dist_utils import print0
 
 
 def _sha256_file(path: str) -> str:

@@ -55,12 +55,13 @@ k = 3 (3 seeds each, measured).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import cli
 
 OPS = "+-*"
 VAR_NAMES = "abcdefghijklmnopqrstuvwxyz"
@@ -293,6 +294,10 @@ def _majority(answers: list[str]) -> tuple[str | None, float]:
     return max(counts, key=counts.get), ranked[0] / len(answers)
 
 
+class DrawError(ValueError):
+    """Too many distinct problems asked of a k and modulus (the CLI prints it as one line)."""
+
+
 def _problems(rng, ks, n, modulus, seen: set, weights=None, unique=True) -> list[Problem]:
     """n problems whose k follow `weights` over `ks` (exact counts by largest remainder, uniform
     when None), in random order, none of whose questions is in `seen`; unique=True also keeps
@@ -309,7 +314,8 @@ def _problems(rng, ks, n, modulus, seen: set, weights=None, unique=True) -> list
         while made < count:
             tries += 1
             if tries > 100 * count + 10_000:
-                raise ValueError(f"cannot draw {count} distinct new problems with k={k}, modulus={modulus}")
+                raise DrawError(f"cannot draw {count} distinct new problems with k={k}, modulus={modulus}; ask for "
+                                "fewer problems, larger k or a larger --modulus")
             p = make_problem(rng, k, modulus)
             if p.question not in seen:
                 if unique:
@@ -322,21 +328,22 @@ def _problems(rng, ks, n, modulus, seen: set, weights=None, unique=True) -> list
 
 def write_data(out: Path, *, seed: int, modulus: int, mid_k, mid_weights, n_mid: int, teacher_k, n_teacher: int,
                samples: int, eval_id_k, eval_ood_k, n_eval: int) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out / "tokenizer")
     rng = random.Random(seed)
     seen: set = set()
     # eval, then teacher questions (unique), then mid-training ones: no training question is an eval
-    # question and no mid-training question is a teacher question
+    # question and no mid-training question is a teacher question. All drawn before anything is written
+    # (a DrawError leaves `out` untouched); the writes below draw only the teacher traces.
     evals = {name: _problems(rng, ks, n_eval, modulus, seen)
              for name, ks in (("eval_id", eval_id_k), ("eval_ood", eval_ood_k))}
+    teacher = _problems(rng, teacher_k, n_teacher, modulus, seen)
+    mid = _problems(rng, mid_k, n_mid, modulus, seen, mid_weights, unique=False)
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out / "tokenizer")
     for name, probs in evals.items():
         with open(out / f"{name}.jsonl", "w") as f:
             for i, p in enumerate(probs):
                 f.write(json.dumps({"id": f"{name}-{i}", "problem": p.question, "answer": str(p.answer),
                                     "dag": p.to_dict(), "k": p.k}) + "\n")
-    teacher = _problems(rng, teacher_k, n_teacher, modulus, seen)
-    mid = _problems(rng, mid_k, n_mid, modulus, seen, mid_weights, unique=False)
     with open(out / "mid.jsonl", "w") as f:
         for i, p in enumerate(mid):
             f.write(json.dumps({"id": f"mid-{i}", "question": p.question, "responses": [correct_trace(p)],
@@ -371,7 +378,7 @@ def _ks(s: str) -> list[int]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="synthetic.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="data/tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modulus", type=int, default=5)
@@ -385,12 +392,41 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-ood-k", default="4", help="out-of-distribution (harder) eval k")
     ap.add_argument("--n-eval", type=int, default=200)
     a = ap.parse_args(argv)
-    if len(_ks(a.mid_k)) != len(a.mid_weights.split(",")):
-        ap.error("--mid-weights needs one weight per --mid-k value")
-    stats = write_data(Path(a.out), seed=a.seed, modulus=a.modulus, mid_k=_ks(a.mid_k),
-                       mid_weights=[float(w) for w in a.mid_weights.split(",")], n_mid=a.n_mid,
-                       teacher_k=_ks(a.teacher_k), n_teacher=a.n_teacher, samples=a.samples,
-                       eval_id_k=_ks(a.eval_id_k), eval_ood_k=_ks(a.eval_ood_k), n_eval=a.n_eval)
+
+    def bad(message):
+        cli.fail("synthetic.py", message)
+
+    ks = {}
+    for flag in ("--mid-k", "--teacher-k", "--eval-id-k", "--eval-ood-k"):
+        value = getattr(a, flag[2:].replace("-", "_"))
+        try:
+            ks[flag] = _ks(value)
+        except ValueError:
+            ks[flag] = []
+        if not ks[flag] or not all(1 <= k <= len(VAR_NAMES) for k in ks[flag]):
+            bad(f"{flag} {value!r}: expected a range like 1-6 or a list like 1,2 of k in 1..{len(VAR_NAMES)}")
+    try:
+        weights = [float(w) for w in a.mid_weights.split(",")]
+    except ValueError:
+        weights = []
+    if not weights or not all(0 < w < float("inf") for w in weights):
+        bad(f"--mid-weights {a.mid_weights!r}: expected positive numbers separated by commas, e.g. 8,8,2")
+    if len(weights) != len(ks["--mid-k"]):
+        bad(f"--mid-weights {a.mid_weights!r}: needs one weight per --mid-k value ({len(ks['--mid-k'])})")
+    if a.modulus < 2:
+        bad(f"--modulus {a.modulus}: must be >= 2")
+    for flag in ("--n-mid", "--n-teacher", "--samples", "--n-eval"):
+        if getattr(a, flag[2:].replace("-", "_")) < 1:
+            bad(f"{flag} {getattr(a, flag[2:].replace('-', '_'))}: must be >= 1")
+    why = cli.unwritable(a.out, directory=True)
+    if why:
+        bad(f"--out {a.out}: cannot be written: {why}")
+    try:
+        stats = write_data(Path(a.out), seed=a.seed, modulus=a.modulus, mid_k=ks["--mid-k"], mid_weights=weights,
+                           n_mid=a.n_mid, teacher_k=ks["--teacher-k"], n_teacher=a.n_teacher, samples=a.samples,
+                           eval_id_k=ks["--eval-id-k"], eval_ood_k=ks["--eval-ood-k"], n_eval=a.n_eval)
+    except DrawError as e:
+        bad(e)
     print(json.dumps({"out": a.out, **stats}))
 
 

@@ -7,15 +7,16 @@
 One optimizer step:
   1. the sampler draws `questions_per_step` questions (the same set for any world size); each rank
      takes its share, every question with its whole group of G responses;
-  2. on-policy only: sample G responses per question with the current policy, score them (reward.py);
+  2. on-policy only: sample G responses per question with the current policy, score them (sampling.rollout);
   3. N_seq = number of sequences in the step over all ranks (SFT: positive ones) -- computed once,
      all-reduced; the loss divides by it and FSDP sums gradients without dividing again (eq. 6);
   4. per micro-batch: logp by the fused lm_head+log-softmax (fused_logprob.py), ref_logp (live model
      or cached pre-pass) for the k3 KL, advantages per group, the per-token loss (loss.py), backward;
   5. clip the grad norm, AdamW step, warmup + cosine; a non-finite loss or grad norm skips the step;
-  6. log the step's metrics row (train.loggers: metrics.jsonl, TensorBoard, W&B), save resumable state (ckpt/) and HF exports (hf/step-N, hf/final);
+  6. log the step's metrics row (train.loggers: metrics.jsonl, TensorBoard, W&B), save resumable state
+     (ckpt/, checkpoint.py) and HF exports (hf/step-N, hf/final);
   7. after every validation.every_epochs-th epoch: sample and grade the validation set on all ranks, log val/
-     rows, export hf/epoch-N and keep the best epoch in hf/best (best.json).
+     rows, export hf/epoch-N and keep the best epoch in hf/best (best.json) (sampling.validate_epoch).
 Before the loop: data.num_questions draws the question subset; the cached reference pre-pass (reference.py).
 """
 from __future__ import annotations
@@ -24,11 +25,9 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -38,15 +37,18 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import data
-import eval.math as eval_math
 import loggers
 import loss as L
+import checkpoint
+import dist_utils
 import model_utils as mu
 import packing
 import reference
-import reward
-from eval.metrics import summarize
-from model_utils import print0
+import sampling
+import yaml_config
+from dist_utils import print0
+from eval.inputs import load_records
+from yaml_config import ConfigError, fill, need
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = ""                  # curated JSONL (data.py curate), one record per question
+    train_path: str = ""                  # curated JSONL (curate.py), one record per question
     group_size: int = 8                   # G responses per question (GRPO group)
     max_len: int = 32768                  # tokens, prompt + response; see overlong
     overlong: str = "truncate"            # a longer sequence: truncate (keep its first max_len tokens, loss on the
@@ -175,92 +177,15 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
-class ConfigError(Exception):
-    """A problem with the configuration, reported as one line without a traceback."""
-
-
-def _coerce(value, tp, key):
-    """Check `value` against the annotation `tp` (str, int, float, bool, dict, tuple, X | None)."""
-    args = typing.get_args(tp)
-    if type(None) in args:
-        if value is None:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-7` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected float, got {value!r}") from None
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(tp)):
-            raise ConfigError(f"{key}: expected a list of {len(typing.get_args(tp))} numbers, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(tp)))
-    expected = origin or tp
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-    return value
-
-
-def _fill(dc, values: dict, prefix: str):
-    hints = typing.get_type_hints(type(dc))
-    names = [f.name for f in dataclasses.fields(dc)]
-    for key, value in values.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown key '{full}'; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
-                              f"{', '.join(names)}")
-        current = getattr(dc, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
-            _fill(current, value, full + ".")
-        else:
-            setattr(dc, key, _coerce(value, hints[key], full))
-
-
-def _parse_yaml(text, where: str):
-    """yaml.safe_load, its multi-line errors turned into a one-line ConfigError."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}{at}") from None
-
-
 def load_config(path: str, overrides: list[str], *, check_paths: bool = True) -> Config:
     """YAML file + `section.key=value` overrides (values parsed as YAML) -> validated Config.
     check_paths=False skips the existence checks of model and data paths (to lint configs anywhere)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    with open(path, "rb") as f:  # bytes: PyYAML reports bad UTF-8 as a YAMLError with a position
-        raw = _parse_yaml(f.read(), path)
-    raw = {} if raw is None else raw
-    need(isinstance(raw, dict), f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override '{item}' is not of the form section.key=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for p in parents:
-            node = node.setdefault(p, {})
-            need(isinstance(node, dict), f"override '{item}': '{p}' is not a section")
-        node[leaf] = _parse_yaml(value, f"override '{item}'")
     cfg = Config()
-    _fill(cfg, raw, "")
+    fill(cfg, yaml_config.read(path, overrides), "")
     validate(cfg)
     if check_paths:
         validate_paths(cfg)
     return cfg
-
-
-def need(ok, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
 
 
 def validate(cfg: Config) -> None:
@@ -271,6 +196,8 @@ def validate(cfg: Config) -> None:
     need(not (cfg.loss.name == "onpolicy" and cfg.loss.ref_logprobs == "cached" and cfg.loss.kl_coef > 0),
          "loss.ref_logprobs=cached needs fixed responses; onpolicy samples new ones -- use live")
     need(cfg.model.logprob_backend in ("auto", "triton", "torch"), "model.logprob_backend must be auto, triton or torch")
+    need(cfg.model.logprob_backend != "triton" or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+         "model.logprob_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, the interpreter); use auto or torch")
     need(cfg.model.param_dtype in ("bfloat16", "float32"), "model.param_dtype must be bfloat16 or float32")
     need(cfg.train.resume in ("auto", "none"), f"train.resume must be auto or none, got {cfg.train.resume!r}")
     need((cfg.model.path is None) != (cfg.model.init_config is None), "set exactly one of model.path and model.init_config")
@@ -316,9 +243,6 @@ def validate_paths(cfg: Config) -> None:
     need(cfg.data.pass_rates is None or os.path.isfile(cfg.data.pass_rates), f"data.pass_rates not found: {cfg.data.pass_rates}")
     need(not cfg.validation.every_epochs or os.path.isfile(cfg.validation.data),
          f"validation.data not found: {cfg.validation.data!r}")
-    need(cfg.loss.luffy_gamma is None or cfg.loss.clip_eps is None,
-         "loss.luffy_gamma replaces the clip: set loss.clip_eps=null with it")
-    need(cfg.train.questions_per_step >= 1 and cfg.train.micro_batch_size >= 1, "batch sizes must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,14 +262,10 @@ def main(argv: list[str]) -> None:
         print(__doc__)
         sys.exit(0 if argv else 2)
     try:
-        cfg = load_config(argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run(cfg)
-    except data.DataError as e:  # bad input data: one line, no traceback
-        print(f"data error: {e}", file=sys.stderr)
+        run(load_config(argv[0], argv[1:]))
+    except (ConfigError, data.DataError) as e:  # bad config or data: one line on rank 0, no traceback, exit 2
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -354,7 +274,7 @@ def main(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run(cfg: Config) -> None:
-    d = mu.setup_distributed(timeout_s=cfg.train.collective_timeout_s)
+    d = dist_utils.setup_distributed(timeout_s=cfg.train.collective_timeout_s)
     torch.manual_seed(cfg.train.seed)
     write_resolved_config(cfg, d)
     stop = install_sigterm_handler()
@@ -377,7 +297,7 @@ def run(cfg: Config) -> None:
             metrics.close()
     mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", "final"), dist=d)
     print0(f"done: {total_steps} steps; model in {os.path.join(cfg.output_dir, 'hf', 'final')}")
-    mu.teardown_distributed()
+    dist_utils.teardown_distributed()
 
 
 # --------------------------------------------------------------------------- setup
@@ -435,9 +355,12 @@ def build_data(cfg: Config, d, tokenizer):
         dataset.keep(chosen)
         weights = None
         print0(f"data: drew {len(dataset)} questions (data.num_questions), written to questions.jsonl")
+    if len(dataset) == 0:
+        most = max((len(r["responses"]) for r in records), default=0)
+        raise data.DataError(f"{cfg.data.train_path}: no question kept data.group_size={cfg.data.group_size} "
+                             f"responses ({len(records)} questions; the most responses any has: {most})")
     Q = cfg.train.questions_per_step
-    if Q % d.world_size:
-        raise SystemExit(f"config error: train.questions_per_step={Q} must be divisible by world size {d.world_size}")
+    need(Q % d.world_size == 0, f"train.questions_per_step={Q} must be divisible by world size {d.world_size}")
     sampler = data.GroupSampler(len(dataset), Q, rank=d.rank, world_size=d.world_size,
                                 seed=cfg.train.seed, weights=weights)
     per_epoch = len(dataset) if weights is None else sum(w > 0 for w in weights)  # an epoch skips weight 0
@@ -513,11 +436,11 @@ def resume(cfg: Config, d, model, optimizer, sampler) -> tuple[int, int, int]:
     """Newest complete state under ckpt/ (model, optimizer, sampler, RNG, step) when train.resume=auto;
     metrics.jsonl rows of steps (and validations) that will be re-run are dropped. Returns (step, non-finite
     steps so far, epochs validated)."""
-    latest = mu.latest_state(os.path.join(cfg.output_dir, "ckpt")) if cfg.train.resume == "auto" else None
+    latest = checkpoint.latest_state(os.path.join(cfg.output_dir, "ckpt")) if cfg.train.resume == "auto" else None
     step, nonfinite_total, validated = 0, 0, 0
     if latest is not None:
         try:
-            extra = mu.load_state(latest, model, optimizer, dist=d)
+            extra = checkpoint.load_state(latest, model, optimizer, dist=d)
         except ValueError as e:  # e.g. saved with another world size
             raise SystemExit(f"error: cannot resume from {latest}: {e}") from None
         step, nonfinite_total, validated = extra["step"], extra["nonfinite_total"], extra["validated_epochs"]
@@ -532,28 +455,6 @@ def resume(cfg: Config, d, model, optimizer, sampler) -> tuple[int, int, int]:
             f.writelines(kept)
     return step, nonfinite_total, validated
 
-
-# --------------------------------------------------------------------------- on-policy rollouts
-
-def rollout(cfg: Config, d, model, tokenizer, items: list[dict], step: int) -> list[dict]:
-    """G samples per question from the current policy (generation chunked so that prompt + new tokens of a
-    call stay within rollout.max_batch_tokens: the KV-cache budget), each scored by reward.py."""
-    G = cfg.data.group_size
-    prompts = [it["prompt_ids"] for it in items for _ in range(G)]
-    responses = mu.generate(model, tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                            seed=cfg.train.seed * 1_000_003 + step * d.world_size + d.rank,
-                            max_batch_tokens=cfg.rollout.max_batch_tokens)
-    fresh = []
-    for i, it in enumerate(items):
-        resp = responses[i * G:(i + 1) * G]
-        texts = tokenizer.batch_decode(resp, skip_special_tokens=True)
-        fresh.append({**it,
-                      "input_ids": [it["prompt_ids"] + r for r in resp],
-                      "loss_mask": [[0] * len(it["prompt_ids"]) + [1] * len(r) for r in resp],
-                      "rewards": [reward.score(t, it["gold"]) if it["gold"] is not None else 0.0 for t in texts],
-                      "texts": texts})
-    return fresh
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -678,13 +579,13 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
     streak = 0
     val_records = None
     if cfg.validation.every_epochs:
-        val_records = eval_math.load_records(cfg.validation.data, cfg.validation.limit)
+        val_records = load_records(cfg.validation.data, cfg.validation.limit)
     bar = tqdm(total=total_steps, initial=step, desc=cfg.loss.name, disable=d.rank != 0, dynamic_ncols=True)
     while True:
         epochs_done = int(sampler.progress)
         if epochs_done > validated:  # an epoch ended: its state is saved (below), so a kill here repeats only this
             if val_records and epochs_done % cfg.validation.every_epochs == 0:
-                validate_epoch(cfg, d, model, tokenizer, val_records, metrics, epoch=epochs_done, step=step)
+                sampling.validate_epoch(cfg, d, model, tokenizer, val_records, metrics, epoch=epochs_done, step=step)
             validated = epochs_done
         if step >= total_steps:
             break
@@ -692,7 +593,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         qidx = sampler.next_step()                                                     # this rank's questions
         items = [dataset[i] for i in qidx]
         if cfg.loss.name == "onpolicy":
-            items = rollout(cfg, d, model, tokenizer, items, step)
+            items = sampling.rollout(cfg, d, model, tokenizer, items, step)
         row = train_step(cfg, d, model, ref_model, ref_cache, optimizer, items, qidx,
                          lr_at(step, cfg.optim, total_steps), tokenizer.pad_token_id)
         if row.pop("finite"):
@@ -712,7 +613,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             bar.set_postfix(loss=f"{row['loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
             bar.update(1)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-            write_samples(cfg, d, model, tokenizer, items, step)
+            sampling.write_samples(cfg, d, model, tokenizer, items, step)
         flag = torch.tensor([float(stop["requested"])], device=d.device)                # [1]
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         stopping = flag.item() > 0 or step == cfg.train.stop_after
@@ -720,79 +621,19 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         if step % cfg.train.save_every == 0 or step == total_steps or stopping or epoch_end:
             extra = {"step": step, "nonfinite_total": nonfinite_total, "sampler": sampler.state_dict(),
                      "validated_epochs": validated}
-            mu.save_state(os.path.join(cfg.output_dir, "ckpt"), step, model, optimizer, extra, dist=d,
+            checkpoint.save_state(os.path.join(cfg.output_dir, "ckpt"), step, model, optimizer, extra, dist=d,
                           keep=cfg.train.keep_checkpoints)
         if cfg.train.hf_every and step % cfg.train.hf_every == 0:
             mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", f"step-{step}"), dist=d)
         if stopping:  # (an epoch's validation, if due, is the resumed run's first act)
             print0(f"{'SIGTERM' if flag.item() > 0 else 'train.stop_after'}: saved state at step {step}; exiting")
-            mu.teardown_distributed()
+            dist_utils.teardown_distributed()
             sys.exit(0)
     bar.close()
 
 
-# --------------------------------------------------------------------------- validation
-
-def validate_epoch(cfg: Config, d, model, tokenizer, records: list[dict], metrics, *, epoch: int, step: int) -> None:
-    """After epoch `epoch`: every rank samples validation.n answers to its share of the problems (r::world,
-    mu.generate: collective-free decoding), grades them with eval.math.grade; rank 0 summarises them
-    (eval.metrics.summarize), logs a metrics row with val/ keys, and -- after the hf/epoch-N export --
-    copies that export to hf/best with best.json when its val/avg@n beats the best so far (ties: earlier)."""
-    vc = cfg.validation
-    instruction = eval_math.BOXED_INSTRUCTION if vc.instruction else ""
-    mine = records[d.rank::d.world_size]
-    prompt_ids = [tokenizer(eval_math.build_prompt(tokenizer, rec["problem"], instruction),
-                            add_special_tokens=False)["input_ids"] for rec in mine]
-    responses = mu.generate(model, tokenizer, [p for p in prompt_ids for _ in range(vc.n)],
-                            max_new_tokens=vc.max_new_tokens, temperature=vc.temperature, top_p=vc.top_p,
-                            seed=cfg.train.seed * 1_000_003 + epoch * 7919 + d.rank,
-                            max_batch_tokens=cfg.rollout.max_batch_tokens)
-    samples = []
-    for i, resp in enumerate(responses):
-        done = tokenizer.eos_token_id in resp
-        text = tokenizer.decode(resp, skip_special_tokens=True)
-        samples.append(eval_math.grade(mine[i // vc.n], i % vc.n, text, len(resp), not done))
-    gathered = [None] * d.world_size
-    dist.all_gather_object(gathered, samples)
-    epoch_dir = os.path.join(cfg.output_dir, "hf", f"epoch-{epoch}")
-    mu.save_hf(model, tokenizer, epoch_dir, dist=d)
-    if d.rank == 0:
-        summary = summarize([s for part in gathered for s in part])
-        scores = {f"val/{k}": v for k, v in summary.items() if k.startswith(("avg@", "pass@", "maj@"))}
-        metrics.log({"step": step, "val/epoch": epoch, **scores})
-        print0(f"validation after epoch {epoch} (step {step}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-        best_path = os.path.join(cfg.output_dir, "best.json")
-        best = None
-        if os.path.exists(best_path):
-            with open(best_path) as f:
-                best = json.load(f)
-        if best is None or scores["val/avg@n"] > best["scores"]["val/avg@n"] or best["epoch"] == epoch:
-            best_dir = os.path.join(cfg.output_dir, "hf", "best")
-            shutil.rmtree(best_dir + ".tmp", ignore_errors=True)
-            shutil.copytree(epoch_dir, best_dir + ".tmp")
-            mu.replace_dir(best_dir + ".tmp", best_dir)
-            with open(best_path + ".tmp", "w") as f:
-                json.dump({"epoch": epoch, "step": step, "scores": scores}, f)
-            os.replace(best_path + ".tmp", best_path)  # (a kill between the two: the resumed run repeats this)
-    dist.barrier()
 
 
-def write_samples(cfg: Config, d, model, tokenizer, items: list[dict], step: int) -> None:
-    """samples.jsonl: on-policy, the rollouts this step trained on; otherwise a fresh greedy answer to this
-    rank's first question (all ranks generate; rank 0 writes its own)."""
-    if cfg.loss.name == "onpolicy":
-        shown = [{"gold": it["gold"], "rewards": it["rewards"][:2], "texts": it["texts"][:2]} for it in items[:2]]
-    else:
-        resp = mu.generate(model, tokenizer, [items[0]["prompt_ids"]], max_new_tokens=cfg.rollout.max_new_tokens,
-                           temperature=0.0, top_p=1.0, seed=cfg.train.seed,
-                           max_batch_tokens=cfg.rollout.max_batch_tokens)
-        texts = tokenizer.batch_decode(resp, skip_special_tokens=True)
-        gold = items[0]["gold"]
-        shown = [{"gold": gold, "rewards": [reward.score(texts[0], gold) if gold is not None else 0.0],
-                  "texts": texts}]
-    if d.rank == 0:
-        with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
-            f.writelines(json.dumps({"step": step, **s}) + "\n" for s in shown)
 
 
 if __name__ == "__main__":

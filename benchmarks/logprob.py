@@ -31,6 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 import fused_logprob  # noqa: E402
 from fused_logprob import fused_logprobs  # noqa: E402
 
@@ -124,7 +125,7 @@ def worker(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="logprob.py", description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[4096], help="tokens (several: one table each)")
     p.add_argument("--real", action="store_true", help="the 7B shapes: --n 8192 32768 --h 3584 --v 152064, bf16")
     p.add_argument("--h", type=int, default=512, help="hidden size")
@@ -139,6 +140,16 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="interleaved timed calls per variant after the first")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    for flag, value, ok, valid in (("--n", min(args.n), min(args.n) >= 1, ">= 1"), ("--h", args.h, args.h >= 1, ">= 1"),
+                                   ("--v", args.v, args.v >= 1, ">= 1"),
+                                   ("--temperature", args.temperature, 0 < args.temperature < float("inf"), "> 0"),
+                                   ("--chunk-mib", args.chunk_mib, 0 < args.chunk_mib < float("inf"), "> 0"),
+                                   ("--threads", args.threads, args.threads >= 0, ">= 0 (0: torch's default)"),
+                                   ("--repeats", args.repeats, args.repeats >= 0, ">= 0")):
+        if not ok:
+            cli.fail("logprob.py", f"{flag} {value:g}: must be {valid}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        cli.fail("logprob.py", "--device cuda: no CUDA device here (use --device cpu)")
     if args.real:
         args.n, args.h, args.v, args.dtype = [8192, 32768], 3584, 152064, args.dtype or "bf16"
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")

@@ -28,7 +28,6 @@ The model's config.json comes from model.path when that directory exists, else f
 model.path> (shipped, so this runs offline). Exit 1 when a phase's peak exceeds --gpu-memory minus --reserve
 (the CUDA context, NCCL buffers and allocator fragmentation that the tracker cannot see), 2 on bad input.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -41,6 +40,8 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
+import dist_utils
 import model_utils as mu  # noqa: E402
 import packing  # noqa: E402
 import train  # noqa: E402
@@ -58,12 +59,12 @@ CATEGORIES = {  # FSDPMemTracker's categories, grouped as the README reports the
 def model_config_dir(cfg) -> str:
     """Where the model's config.json is read from (the real directory, else the shipped copy)."""
     if cfg.model.path is None:
-        raise SystemExit("memory.py: error: model.init_config configs are the tiny lab; rehearse a model.path config")
+        cli.fail("memory.py", "model.init_config configs are the tiny lab; rehearse a model.path config")
     if os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         return cfg.model.path
     shipped = os.path.join(ROOT, "configs", "models", os.path.basename(os.path.normpath(cfg.model.path)))
     if not os.path.isfile(os.path.join(shipped, "config.json")):
-        raise SystemExit(f"memory.py: error: no config.json in {cfg.model.path} nor in {shipped}")
+        cli.fail("memory.py", f"model.path {cfg.model.path}: no config.json there nor in {shipped}")
     return shipped
 
 
@@ -213,7 +214,7 @@ def rehearse(cfg, world: int) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
-    d = mu.Dist(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"),
+    d = dist_utils.Dist(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"),
                 mesh=init_device_mesh("cpu", (world,)))  # (outside fake mode)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_config_dir(cfg)))
     if cfg.model.logprob_backend == "auto":  # what auto picks on CUDA
@@ -247,7 +248,7 @@ def rehearse(cfg, world: int) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="memory.py", description=__doc__.split("\n")[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="section.key=value, as for train.py")
     ap.add_argument("--world", type=int, required=True, help="ranks (GPUs) the job runs on")
@@ -256,17 +257,20 @@ def main(argv=None):
                     help="GiB per GPU the tracker cannot see: CUDA context, NCCL buffers, fragmentation (default 2)")
     ap.add_argument("--json", help="write the result here")
     a = ap.parse_args(argv)
-    if a.world < 1 or a.gpu_memory <= 0 or a.reserve < 0:
-        ap.error("--world must be >= 1, --gpu-memory > 0, --reserve >= 0")
+    if a.world < 1 or not 0 < a.gpu_memory < float("inf") or not 0 <= a.reserve < float("inf"):
+        ap.error(f"--world {a.world} --gpu-memory {a.gpu_memory:g} --reserve {a.reserve:g}: need --world >= 1, "
+                 "--gpu-memory > 0, --reserve >= 0")
+    why = a.json and cli.unwritable(a.json)
+    if why:
+        cli.fail("memory.py", f"--json {a.json}: cannot be written: {why}")
     try:
         cfg = train.load_config(a.config, a.overrides, check_paths=False)
     except train.ConfigError as e:
-        print(f"memory.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("memory.py", e)
     if cfg.train.questions_per_step % a.world:
-        print(f"memory.py: error: train.questions_per_step={cfg.train.questions_per_step} is not divisible by "
-              f"--world {a.world}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("memory.py", f"train.questions_per_step={cfg.train.questions_per_step} is not divisible by "
+                 f"--world {a.world}")
+    model_config_dir(cfg)  # (its checks, before the rehearsal starts)
     t0 = time.time()
     phases = rehearse(cfg, a.world)
     budget = a.gpu_memory - a.reserve

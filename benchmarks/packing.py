@@ -1,7 +1,7 @@
 """Seconds per optimizer step of padded vs packed micro-batches (train.micro_batch_tokens), in one run, as ratios.
 
     python synthetic.py --out data/tiny
-    python data.py curate --input data/tiny/teacher_raw.jsonl --output data/tiny/teacher.jsonl
+    python curate.py --input data/tiny/teacher_raw.jsonl --output data/tiny/teacher.jsonl
     python benchmarks/packing.py [--tokens 512 1024 2048 --steps 30 --nproc 2]
 
 Runs train.py under torchrun (2 CPU ranks, as the tiny lab does) on configs/tiny/base.yaml (SFT) and
@@ -12,7 +12,6 @@ metrics.jsonl's per-step seconds is taken, leaving out the first two steps. A pa
 --tokens positions whose attention transformers masks per sequence from position_ids (sdpa on CPU: a dense
 block-diagonal [T, T] mask), so its attention costs T^2 where padded rows cost B x L^2.
 """
-import argparse
 import json
 import os
 import statistics
@@ -23,6 +22,8 @@ import tempfile
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 
 
 def seconds_per_step(config: str, out: str, overrides: list[str], nproc: int) -> tuple[float, float]:
@@ -40,20 +41,18 @@ def seconds_per_step(config: str, out: str, overrides: list[str], nproc: int) ->
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="packing.py", description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048],
                     help="train.micro_batch_tokens of the packed runs (one run each)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     ap.add_argument("--nproc", type=int, default=2, help="ranks")
     a = ap.parse_args(argv)
     if min(a.tokens) < 1 or a.steps < 3 or a.nproc < 1:
-        print("packing.py: error: --tokens >= 1, --steps >= 3 and --nproc >= 1", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("packing.py", f"--tokens {' '.join(map(str, a.tokens))} --steps {a.steps} --nproc {a.nproc}: "
+                 "need --tokens >= 1, --steps >= 3 and --nproc >= 1")
     for need in ("data/tiny/mid.jsonl", "data/tiny/teacher.jsonl", "data/tiny/tokenizer"):
         if not os.path.exists(os.path.join(ROOT, need)):
-            print(f"packing.py: error: {need} not found; make the tiny data first (see this file's docstring)",
-                  file=sys.stderr)
-            sys.exit(2)
+            cli.fail("packing.py", f"{need} not found; make the tiny data first (see this file's docstring)")
     with open(os.path.join(ROOT, "configs/tiny/base.yaml")) as f:
         init = yaml.safe_load(f)["model"]["init_config"]
     fresh = ["model.path=null", f"model.init_config={json.dumps(init)}", "model.tokenizer=data/tiny/tokenizer"]

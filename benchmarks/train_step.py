@@ -9,7 +9,6 @@ measured in one run for four variants, reported as ratios:
 Single process (world 1, still FSDP2-wrapped, as train.py runs). The vocabulary is set large on purpose:
 the [tokens, vocab] logits are what the fused path avoids.
 """
-import argparse
 import os
 import sys
 import time
@@ -17,7 +16,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 import loss as L  # noqa: E402
+import dist_utils
 import model_utils as mu  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def naive_logprobs(model, input_ids, attention_mask):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="train_step.py", description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32768)
@@ -35,7 +36,14 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--iters", type=int, default=5)
     a = ap.parse_args()
-    d = mu.setup_distributed()
+    for flag in ("--layers", "--vocab", "--batch", "--iters"):
+        if getattr(a, flag[2:]) < 1:
+            cli.fail("train_step.py", f"{flag} {getattr(a, flag[2:])}: must be >= 1")
+    if a.hidden < 8 or a.hidden % 8:
+        cli.fail("train_step.py", f"--hidden {a.hidden}: must be a positive multiple of 8 (4 heads of even size)")
+    if a.seq < 2:
+        cli.fail("train_step.py", f"--seq {a.seq}: must be >= 2 (a next-token log-prob needs two tokens)")
+    d = dist_utils.setup_distributed()
     cfg = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=3 * a.hidden, num_hidden_layers=a.layers,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=a.seq, tie_word_embeddings=False)
     build = dict(path=None, init_config=cfg, dist=d, param_dtype=torch.float32, reduce_dtype=torch.float32,
@@ -76,7 +84,7 @@ def main():
         print(f"fused / naive   (cached ref): {tps['fused + cached ref'] / tps['naive + cached ref']:.2f}x")
         print(f"fused / naive   (live ref):   {tps['fused + live ref'] / tps['naive + live ref']:.2f}x")
         print(f"cached / live   (fused):      {tps['fused + cached ref'] / tps['fused + live ref']:.2f}x")
-    mu.teardown_distributed()
+    dist_utils.teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -25,16 +25,30 @@ Determinism: each generate() call is seeded from (seed, first sample of the batc
 reproducible for the same seed, batch size and set of pending problems (vLLM: per sample).
 Sampling uses only temperature and top_p (temperature 0: greedy); the model's generation_config
 sampling defaults (top_k, repetition_penalty, ...) are overridden with neutral values.
+
+Bad input (cli.py's convention: one line `eval.math: error: ...` on stderr, exit status 2, nothing written),
+all checked before any model is loaded or any --out directory is made: --n < 1, --temperature < 0,
+--top-p outside (0, 1], --max-new-tokens / --batch-size / --limit < 1, one --out per --model (all different);
+a missing --data file, a line that is not UTF-8 or not a JSON object, a record without "problem" (a string)
+or "answer", duplicate ids (file:line each), no records; a --model that is not a directory holding
+config.json (valid JSON), weights (model.safetensors / pytorch_model.bin, or their .index.json) and a
+tokenizer with a chat template; an --out that cannot be made or written, or whose settings.json holds other
+settings. Context length: when the longest prompt + --max-new-tokens exceeds the model's positions
+(config.json's max_position_embeddings, times the factor of a yarn / linear / dynamic rope_scaling), the run
+is REFUSED with the largest --max-new-tokens that fits (not capped: settings.json and every sample then keep
+the value asked for).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 import zlib
 from pathlib import Path
 
+import cli
+from eval.inputs import InputError, check_model_dir, load_records, max_positions  # noqa: F401 (load_records)
 from eval.metrics import summarize
 from reward import extract_answer, score
 
@@ -43,25 +57,6 @@ SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruc
 
 
 # --- records and prompts ------------------------------------------------------------------------
-
-def load_records(path, limit: int | None = None) -> list[dict]:
-    """Records of a JSONL file (first `limit`), each with a string id; ids must be unique."""
-    records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if "problem" not in rec or "answer" not in rec:
-                raise ValueError(f"{path}:{line_no + 1}: a record needs 'problem' and 'answer'")
-            rec["id"] = str(rec["id"]) if "id" in rec else str(line_no)
-            records.append(rec)
-            if limit is not None and len(records) == limit:
-                break
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate ids")
-    return records
 
 
 def build_prompt(tokenizer, problem: str, instruction: str) -> str:
@@ -131,10 +126,14 @@ def _load_finished(samples_path: Path, n: int) -> dict[str, list[dict]]:
     for i, line in enumerate(lines):
         try:
             s = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 continue  # torn last line
-            raise
+            raise InputError(f"{samples_path}:{i + 1}: not valid JSON ({e.msg}); only a torn last line is dropped "
+                             "on resumption: repair the file or use another --out directory") from None
+        if not isinstance(s, dict) or "id" not in s or "sample" not in s:
+            raise InputError(f"{samples_path}:{i + 1}: not a sample record (id, sample, ...); repair the file or "
+                             "use another --out directory")
         by_id.setdefault(s["id"], {})[s["sample"]] = s
     finished = {pid: [got[j] for j in range(n)] for pid, got in by_id.items() if set(got) == set(range(n))}
     kept = [s for pid in finished for s in finished[pid]]
@@ -143,14 +142,23 @@ def _load_finished(samples_path: Path, n: int) -> dict[str, list[dict]]:
     return finished
 
 
-def _check_settings(out_dir: Path, settings: dict) -> None:
+def _check_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
+    """InputError when out_dir's settings.json holds other settings (or is not JSON); else write it (write=True)
+    if it is not there yet."""
     path = out_dir / "settings.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: not valid JSON ({e}); use another --out directory") from None
+        if not isinstance(old, dict):
+            raise InputError(f"{path}: expected a JSON object, got {type(old).__name__}; use another --out directory")
         if old != settings:
-            raise ValueError(f"{out_dir} holds samples made with {old}; this run asks for {settings}. "
-                             "Use another --out directory.")
-    else:
+            diff = ", ".join(f"{k} {old.get(k)!r} (this run: {settings[k]!r})" for k in settings
+                             if old.get(k) != settings[k])
+            raise InputError(f"{out_dir} holds samples made with other settings: {diff}. Use another --out "
+                             "directory.")
+    elif write:
         path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
@@ -227,7 +235,7 @@ def _read_samples(path: Path) -> list[dict]:
 # --- CLI ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description="Sample, grade and score a model on a math JSONL file.")
+    ap = cli.ArgumentParser(prog="eval.math", description="Sample, grade and score a model on a math JSONL file.")
     ap.add_argument("--model", required=True, nargs="+", help="HF model directory (with its tokenizer); several: "
                     "evaluated one after the other")
     ap.add_argument("--data", required=True, help="JSONL with problem, answer [, id, dag, k]")
@@ -235,7 +243,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--n", type=int, default=64, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--max-new-tokens", type=int, default=32768)
+    ap.add_argument("--max-new-tokens", type=int, default=31744,
+                    help="prompt + max-new-tokens must fit the model's positions (31744: the 7B's 32768 less 1024)")
     ap.add_argument("--batch-size", type=int, default=64,
                     help="sequences per generate() call (vllm: use a large value, e.g. all samples)")
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
@@ -244,16 +253,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--no-instruction", action="store_true",
                     help="prompt with the bare problem (models trained without the boxed instruction)")
     a = ap.parse_args(argv)
-    if len(a.model) != len(a.out):
-        ap.error(f"give one --out per --model (got {len(a.model)} models and {len(a.out)} output directories)")
-
-    from transformers import AutoTokenizer
+    instruction = "" if a.no_instruction else BOXED_INSTRUCTION
+    records, configs = _check_inputs(a, instruction)
 
     if a.backend == "vllm":  # the backend is resolved once, before any model is loaded
         try:
             from vllm import LLM
         except ImportError:
-            sys.exit("eval.math: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
+            sys.exit("eval.math: error: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
         load, where = (lambda d: LLM(model=d, seed=a.seed)), "vllm"
     else:
         import torch
@@ -263,20 +270,84 @@ def main(argv=None) -> list[dict]:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
         where = f"{device} ({dtype})"
-    records = load_records(a.data, a.limit)
-    instruction = "" if a.no_instruction else BOXED_INSTRUCTION
+    tokenizers = [_check_tokenizer(a, d, config, records, instruction) for d, config in zip(a.model, configs)]
     summaries = []
-    for model_dir, out_dir in zip(a.model, a.out):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for model_dir, out_dir, tokenizer in zip(a.model, a.out, tokenizers):
         model = load(model_dir)
         print(f"eval: {model_dir} on {where}", flush=True)
-        summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
-                           max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=out_dir,
-                           seed=a.seed, instruction=instruction, backend=a.backend)
+        try:
+            summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
+                               max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=out_dir,
+                               seed=a.seed, instruction=instruction, backend=a.backend)
+        except InputError as e:  # a corrupt samples.jsonl of an earlier run
+            cli.fail("eval.math", e)
         print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
         summaries.append(summary)
         del model  # one model in memory at a time (a vLLM engine may keep GPU memory: there, one model per run)
     return summaries
+
+
+def _check_inputs(a, instruction: str) -> tuple[list[dict], list[dict]]:
+    """The CLI's checks that need no tokenizer (module docstring): (records, each model's config.json)."""
+    def bad(message):
+        cli.fail("eval.math", message)
+
+    if len(a.model) != len(a.out):
+        bad(f"give one --out per --model (got {len(a.model)} models and {len(a.out)} output directories)")
+    outs = [os.path.abspath(o) for o in a.out]
+    if len(set(outs)) != len(outs):
+        bad(f"--out {next(o for o in a.out if outs.count(os.path.abspath(o)) > 1)} is given twice; each model needs "
+            "its own output directory")
+    if a.n < 1:
+        bad(f"--n {a.n}: must be >= 1 (samples per problem)")
+    if not 0 <= a.temperature < float("inf"):
+        bad(f"--temperature {a.temperature:g}: must be >= 0 (0 = greedy)")
+    if not 0 < a.top_p <= 1:
+        bad(f"--top-p {a.top_p:g}: must be in (0, 1]")
+    for flag, value in (("--max-new-tokens", a.max_new_tokens), ("--batch-size", a.batch_size), ("--limit", a.limit)):
+        if value is not None and value < 1:
+            bad(f"{flag} {value}: must be >= 1")
+    if not os.path.isfile(a.data):
+        bad(f"--data {a.data}: {'is a directory' if os.path.isdir(a.data) else 'no such file'} (give a JSONL file of "
+            "problem/answer records)")
+    try:
+        records = load_records(a.data, a.limit)
+        if not records:
+            bad(f"--data {a.data}: no records (give a JSONL file of problem/answer records)")
+        configs = [check_model_dir(d) for d in a.model]
+        settings = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                        seed=a.seed, instruction=instruction)
+        for out in a.out:
+            why = cli.unwritable(out, directory=True)
+            if why:
+                bad(f"--out {out}: cannot be written: {why}")
+            _check_settings(Path(out), settings, write=False)
+    except InputError as e:
+        bad(e)
+    return records, configs
+
+
+def _check_tokenizer(a, model_dir: str, config: dict, records: list[dict], instruction: str):
+    """The model's tokenizer, after checking that it has a chat template and that the longest prompt +
+    --max-new-tokens fits the model's positions (refused otherwise: module docstring)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:
+        cli.fail("eval.math", f"--model {model_dir}: its tokenizer has no chat template (prompts are chat-formatted)")
+    limit = max_positions(config)
+    if limit is not None:
+        lengths = [len(ids) for ids in tokenizer([build_prompt(tokenizer, r["problem"], instruction) for r in records],
+                                                 add_special_tokens=False)["input_ids"]]
+        longest = max(lengths)
+        if longest + a.max_new_tokens > limit:
+            pid = records[lengths.index(longest)]["id"]
+            room = (f"use --max-new-tokens <= {limit - longest}" if limit > longest else
+                    "the prompt alone does not fit")
+            cli.fail("eval.math", f"--max-new-tokens {a.max_new_tokens}: the longest prompt (id {pid}, {longest} "
+                     f"tokens) + {a.max_new_tokens} = {longest + a.max_new_tokens} exceeds the {limit} positions of "
+                     f"{os.path.join(model_dir, 'config.json')} (max_position_embeddings); {room}")
+    return tokenizer
 
 
 if __name__ == "__main__":

@@ -9,17 +9,27 @@ for several seeds of one (variant, benchmark). With several summaries per cell t
 mean ± std (sample standard deviation over seeds) and the JSON keeps every value.
 The "Avg." column is the mean over benchmarks of a row's cell means (only when the row is complete).
 A PNG bar chart (results.png next to --out) is drawn when matplotlib is installed.
+
+Bad input (cli.py's convention: one line `eval.table: error: ...`, exit status 2, nothing written): a path that
+does not exist, no summary.json found, a summary that is not UTF-8 JSON (file:line) or not an object, one
+without --metric or whose --metric is not a number (the message lists the numeric keys it has), an --out or
+--json that cannot be written.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
 from pathlib import Path
 
+import cli
+
 SEED_DIR = re.compile(r"seed[-_]?\d+")
+
+
+class TableError(ValueError):
+    """A path or summary file the table cannot be made from (the CLI prints it as one line)."""
 
 
 def find_summaries(paths) -> list[Path]:
@@ -31,7 +41,7 @@ def find_summaries(paths) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            raise FileNotFoundError(p)
+            raise TableError(f"{p}: no such file or directory (give summary.json files or directories holding them)")
     return found
 
 
@@ -47,14 +57,32 @@ def collect(paths, metric: str) -> dict[str, dict[str, list[float]]]:
     """{variant: {benchmark: [metric value per seed]}}, in order of first appearance."""
     cells: dict[str, dict[str, list[float]]] = {}
     for path in find_summaries(paths):
-        summary = json.loads(path.read_text())
-        if metric not in summary:
-            raise KeyError(f"{path} has no metric {metric!r} (has {sorted(summary)})")
+        summary = read_summary(path)
+        numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        if metric not in numeric:
+            what = (f"no metric {metric!r}" if metric not in summary else
+                    f"metric {metric!r} is a {type(summary[metric]).__name__}, not a number")
+            raise TableError(f"{path}: {what} (--metric: one of {', '.join(numeric) or 'none'})")
         variant, bench = names_of(path)
         cells.setdefault(variant, {}).setdefault(bench, []).append(float(summary[metric]))
     if not cells:
-        raise ValueError(f"no summary.json under {list(paths)}")
+        raise TableError(f"no summary.json under {', '.join(map(str, paths))}")
     return cells
+
+
+def read_summary(path: Path) -> dict:
+    """A summary.json as a dict; TableError naming the file (and line) when it is not a UTF-8 JSON object."""
+    raw = path.read_bytes()
+    try:
+        summary = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise TableError(f"{path}:{line}: not UTF-8 (a summary.json of eval.math is UTF-8 JSON)") from None
+    except json.JSONDecodeError as e:
+        raise TableError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(summary, dict):
+        raise TableError(f"{path}: expected a JSON object (an eval.math summary), got {type(summary).__name__}")
+    return summary
 
 
 def cell_stats(values: list[float]) -> dict:
@@ -120,14 +148,21 @@ def bar_chart(stats: dict, metric: str, path: Path) -> bool:
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description="Markdown table (and bar chart) from eval.math summaries.")
+    ap = cli.ArgumentParser(prog="eval.table", description="Markdown table (and bar chart) from eval.math summaries.")
     ap.add_argument("paths", nargs="+", help="summary.json files or directories holding them")
     ap.add_argument("--out", required=True, help="Markdown output (the chart goes next to it as .png)")
     ap.add_argument("--json", help="also write the table's numbers as JSON")
     ap.add_argument("--metric", default="avg@n", help="summary key to tabulate: avg@n, maj@n, pass@1, ...")
     a = ap.parse_args(argv)
-
-    table, stats = make_table(collect(a.paths, a.metric), a.metric)
+    for flag, path in (("--out", a.out), ("--json", a.json)):
+        why = path and cli.unwritable(path)
+        if why:
+            cli.fail("eval.table", f"{flag} {path}: cannot be written: {why}")
+    try:
+        cells = collect(a.paths, a.metric)
+    except TableError as e:
+        cli.fail("eval.table", e)
+    table, stats = make_table(cells, a.metric)
     out = Path(a.out)
     out.write_text(table)
     print(table, end="")

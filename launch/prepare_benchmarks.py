@@ -9,10 +9,12 @@ kept as the dataset gives it (math-verify grades equivalent forms). Untested her
 to the Hub, so the field names are as those datasets document them -- the script stops with the dataset and the
 fields it found if one has changed.
 """
-import argparse
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 
 SOURCES = {  # file: (dataset, config, split, problem field, answer field, expected count)
     "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", 30),
@@ -24,10 +26,13 @@ SOURCES = {  # file: (dataset, config, split, problem field, answer field, expec
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="prepare_benchmarks.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--only", nargs="+", choices=sorted(SOURCES), help="just these benchmarks")
     args = ap.parse_args(argv)
+    why = cli.unwritable(args.out, directory=True)
+    if why:
+        cli.fail("prepare_benchmarks.py", f"--out {args.out}: cannot be written: {why}")
     try:
         from datasets import load_dataset
     except ImportError:

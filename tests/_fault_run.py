@@ -4,14 +4,14 @@
     torchrun --max-restarts=N tests/_fault_run.py CONFIG.yaml [section.key=value ...]
 
 Attempt a (TORCHELASTIC_RESTART_COUNT) injects fault a of the list, if any, by patching a writer that
-model_utils.save_state calls, then runs train.main unchanged:
+checkpoint.save_state calls, then runs train.main unchanged:
   torn_rank_file      the rank writes the first half of its rank<R>.safetensors into ckpt/step-<step>.tmp
                       (after dcp.save wrote the shards), then SIGKILLs itself: a half-written checkpoint
                       without the COMPLETE marker, and a peer left waiting in the next barrier;
   kill_before_commit  the rank (0: it commits) SIGKILLs itself after COMPLETE is in ckpt/step-<step>.tmp,
                       just before the rename that commits it.
 Before train.main, rank 0 of every attempt appends what a fresh process finds to OFFGRPO_PROBE:
-{"attempt", "latest": model_utils.latest_state(ckpt), "dirs": {name: has COMPLETE} for each dir in ckpt/}.
+{"attempt", "latest": checkpoint.latest_state(ckpt), "dirs": {name: has COMPLETE} for each dir in ckpt/}.
 """
 import json
 import os
@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 import safetensors.torch  # noqa: E402
 
-import model_utils as mu  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def inject(kind: str, step: int, rank: int) -> None:
 
         def rename_or_die(src, dst):
             if os.path.basename(src) == tmp_dir:
-                assert os.path.isfile(os.path.join(src, mu.COMPLETE_MARKER))
+                assert os.path.isfile(os.path.join(src, checkpoint.COMPLETE_MARKER))
                 die()
             return real_rename(src, dst)
         os.rename = rename_or_die
@@ -64,8 +64,8 @@ def inject(kind: str, step: int, rank: int) -> None:
 
 def probe(attempt: int, ckpt: str, path: str) -> None:
     names = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
-    found = {"attempt": attempt, "latest": mu.latest_state(ckpt),
-             "dirs": {n: os.path.isfile(os.path.join(ckpt, n, mu.COMPLETE_MARKER)) for n in names}}
+    found = {"attempt": attempt, "latest": checkpoint.latest_state(ckpt),
+             "dirs": {n: os.path.isfile(os.path.join(ckpt, n, checkpoint.COMPLETE_MARKER)) for n in names}}
     with open(path, "a") as f:
         f.write(json.dumps(found) + "\n")
 

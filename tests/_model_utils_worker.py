@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+import checkpoint
+import dist_utils
 import model_utils as mu  # noqa: E402
 import safetensors.torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config  # noqa: E402
@@ -62,7 +64,7 @@ def close(a, b, what, atol=1e-5):
     assert err <= atol, f"{what}: max abs err {err}"
 
 
-def check_logprobs(d: mu.Dist, tmp: str):
+def check_logprobs(d: dist_utils.Dist, tmp: str):
     ids, mask = batch()
     mine = slice(d.rank, B, d.world_size)
     n_tokens = mask[:, 1:].sum()  # the global normaliser: the summed rank gradients are the full-batch one
@@ -122,7 +124,7 @@ def check_logprobs(d: mu.Dist, tmp: str):
     assert_sharded(model)
 
 
-def trained_tied_model(d: mu.Dist):
+def trained_tied_model(d: dist_utils.Dist):
     """A tied tiny model with AdamW after one step (so the optimizer has state), and its step function."""
     ids, mask = batch()
     model = mu.build_model(path=None, init_config={**TINY, "tie_word_embeddings": True}, dist=d,
@@ -137,7 +139,7 @@ def trained_tied_model(d: mu.Dist):
     return model, opt, train_step
 
 
-def check_hf(d: mu.Dist, tmp: str):
+def check_hf(d: dist_utils.Dist, tmp: str):
     import synthetic
     tok_dir = os.path.join(tmp, "tok")
     if d.rank == 0:
@@ -182,22 +184,22 @@ def check_hf(d: mu.Dist, tmp: str):
         assert torch.equal(w, stored[n].float()), n
 
 
-def check_state(d: mu.Dist, tmp: str):
+def check_state(d: dist_utils.Dist, tmp: str):
     model, opt, train_step = trained_tied_model(d)
     # --- save_state / load_state round trip: weights, optimizer state, RNG, extras
     ckpt = os.path.join(tmp, "ckpt")
     extra = {"step": 1, "sampler": {"epoch": 0, "cursor": 3 + d.rank}, "t": torch.arange(3) * (d.rank + 1)}
     for step in (1, 2):
-        mu.save_state(ckpt, step, model, opt, {**extra, "step": step}, dist=d, keep=2)
+        checkpoint.save_state(ckpt, step, model, opt, {**extra, "step": step}, dist=d, keep=2)
     saved_w = full_params(model)
     saved_opt = {k: v.full_tensor().clone() for k, v in opt.state[model.lm_head.weight].items()
                  if isinstance(v, torch.distributed.tensor.DTensor)}
     draws = (torch.rand(3), random.random(), np.random.rand())
     train_step()                                   # move weights, optimizer state and RNG on
     torch.rand(5), random.random(), np.random.rand()
-    mu.save_state(ckpt, 3, model, opt, {"step": 3}, dist=d, keep=2)
+    checkpoint.save_state(ckpt, 3, model, opt, {"step": 3}, dist=d, keep=2)
     assert sorted(os.listdir(ckpt)) == ["step-2", "step-3"], os.listdir(ckpt)
-    got = mu.load_state(os.path.join(ckpt, "step-2"), model, opt, dist=d)
+    got = checkpoint.load_state(os.path.join(ckpt, "step-2"), model, opt, dist=d)
     assert got["step"] == 2 and got["sampler"] == extra["sampler"] and torch.equal(got["t"], extra["t"]), got
     for n, w in full_params(model).items():
         assert torch.equal(w, saved_w[n]), f"weight {n} not restored"
@@ -213,8 +215,8 @@ def check_state(d: mu.Dist, tmp: str):
                            param_dtype=torch.float32, reduce_dtype=torch.float32, activation_checkpointing=True,
                            seed=5)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    assert mu.load_state(mu.latest_state(ckpt), fresh, fresh_opt, dist=d)["step"] == 3
-    mu.load_state(os.path.join(ckpt, "step-2"), fresh, fresh_opt, dist=d)
+    assert checkpoint.load_state(checkpoint.latest_state(ckpt), fresh, fresh_opt, dist=d)["step"] == 3
+    checkpoint.load_state(os.path.join(ckpt, "step-2"), fresh, fresh_opt, dist=d)
     train_step()
     train_step(fresh, fresh_opt)
     theirs = full_params(fresh)
@@ -222,7 +224,7 @@ def check_state(d: mu.Dist, tmp: str):
         assert torch.equal(w, theirs[n]), f"resumed step differs at {n}"
 
 
-def check_packed(d: mu.Dist, tmp: str):
+def check_packed(d: dist_utils.Dist, tmp: str):
     """packed_logprobs (one padding-free row per rank) == sequence_logprobs of the same sequences padded, for
     values, entropy and gradients, with sdpa and eager attention; and attention stays inside each sequence:
     changing one packed sequence's tokens leaves every other sequence's log-probs bit-for-bit as they were."""
@@ -262,7 +264,7 @@ def check_packed(d: mu.Dist, tmp: str):
 
 if __name__ == "__main__":
     check, tmp = sys.argv[1], sys.argv[2]
-    dist = mu.setup_distributed()
+    dist = dist_utils.setup_distributed()
     {"logprobs": check_logprobs, "hf": check_hf, "state": check_state, "packed": check_packed}[check](dist, tmp)
-    mu.print0(f"OK {check} world={dist.world_size}")
-    mu.teardown_distributed()
+    dist_utils.print0(f"OK {check} world={dist.world_size}")
+    dist_utils.teardown_distributed()

@@ -1,11 +1,10 @@
-"""Tests for curate.py (and its `python data.py curate` entry): parsing, majority-vote pooling, drops,
+"""Tests for curate.py: parsing, majority-vote pooling, drops,
 seeded group selection, the report, malformed-line abort, majority accuracy on the synthetic task."""
 import json
 
 import pytest
 
 import curate
-import data
 import synthetic
 from data import read_records
 from reward import answers_equivalent, extract_answer
@@ -111,14 +110,12 @@ def test_curate_aborts_over_one_percent(tmp_path, capsys):
     rows = [ot3(f"Q{q}?", boxed("1")) for q in range(6) for _ in range(16)] + [b"\xff{\n", b"[1, 2]\n"]
     inp = write_jsonl(tmp_path / "bad.jsonl", rows)  # 2 / 98 > 1%
     with pytest.raises(SystemExit) as e:
-        data.main(["curate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--workers", "1"])
+        curate.main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--workers", "1"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "2/98 lines malformed" in err and "non_utf8 x1 (first at" in err
-    assert "bad.jsonl:97" in err and "not_object x1" in err and "Traceback" not in err
-    with pytest.raises(SystemExit) as e:  # curate.py directly: the same one-line error under its own name
-        curate.main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--workers", "1"], prog="curate.py")
-    assert e.value.code == 2 and capsys.readouterr().err == err.replace("data.py: error:", "curate.py: error:")
+    assert err.startswith("curate.py: error: ") and err.count("\n") == 1 and "2/98 lines malformed" in err
+    assert "non_utf8 x1 (first at" in err and "bad.jsonl:97" in err and "not_object x1" in err
+    assert "Traceback" not in err and not (tmp_path / "o.jsonl").exists()
 
 
 def test_curate_synthetic_majority_accuracy(tmp_path):

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from tests.test_train import ENV, TINY_MODEL, assert_same_weights, make_lab_data, metrics, weights  # noqa: E402
 
 STEPS = 8
-# A fresh rendezvous store per torchrun attempt: restarts hang without it (model_utils.setup_distributed).
+# A fresh rendezvous store per torchrun attempt: restarts hang without it (dist_utils.setup_distributed).
 RESTART_ENV = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
@@ -174,12 +174,12 @@ def test_crash_mid_save_keeps_the_previous_checkpoint_and_resume_takes_it(lab):
 
 
 def test_restarts_without_a_fresh_rendezvous_store_are_refused(monkeypatch):
-    import model_utils as mu
+    import dist_utils
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", TORCHELASTIC_MAX_RESTARTS="1",
                            TORCHELASTIC_USE_AGENT_STORE="True").items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit, match="needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
-        mu.setup_distributed()
+        dist_utils.setup_distributed()
 
 
 # --------------------------------------------------------------------------- 4. bad configs

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import dist_utils
 import model_utils as mu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,28 +52,28 @@ def test_save_state_load_state_round_trip(tmp_path):
 def _fake_state(root, name, marker: bool, world_size=1):
     os.makedirs(root / name)
     if marker:
-        (root / name / mu.COMPLETE_MARKER).write_text(json.dumps({"step": 0, "world_size": world_size}))
+        (root / name / checkpoint.COMPLETE_MARKER).write_text(json.dumps({"step": 0, "world_size": world_size}))
 
 
 def test_latest_state_ignores_tmp_and_unmarked(tmp_path):
-    assert mu.latest_state(str(tmp_path / "missing")) is None
+    assert checkpoint.latest_state(str(tmp_path / "missing")) is None
     _fake_state(tmp_path, "step-2", marker=True)
     _fake_state(tmp_path, "step-10", marker=True)
     _fake_state(tmp_path, "step-11", marker=False)      # crashed between dcp.save and the marker
     _fake_state(tmp_path, "step-12.tmp", marker=True)   # crashed between the marker and the rename
     _fake_state(tmp_path, "step-13.old", marker=True)
-    assert mu.latest_state(str(tmp_path)) == str(tmp_path / "step-10")  # numeric, not lexical, order
+    assert checkpoint.latest_state(str(tmp_path)) == str(tmp_path / "step-10")  # numeric, not lexical, order
 
 
 def test_load_state_rejects_other_world_size(tmp_path):
     _fake_state(tmp_path, "step-1", marker=True, world_size=2)
-    d = mu.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    d = dist_utils.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="world size 2"):
-        mu.load_state(str(tmp_path / "step-1"), None, None, dist=d)
+        checkpoint.load_state(str(tmp_path / "step-1"), None, None, dist=d)
 
 
 def test_build_model_path_errors_name_the_path(tmp_path):
-    d = mu.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    d = dist_utils.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     kw = dict(init_config=None, dist=d, param_dtype=torch.float32, reduce_dtype=torch.float32,
               activation_checkpointing=False)
     with pytest.raises(FileNotFoundError, match=f"config.json in model path {tmp_path}"):
@@ -108,12 +110,12 @@ def test_setup_distributed_on_cuda_asks_for_a_group_that_serves_cpu_tensors_too(
     asked = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: asked.update(set_device=dev))
-    monkeypatch.setattr(mu.tdist, "init_process_group", lambda backend, **kw: asked.update(backend=backend, **kw))
-    monkeypatch.setattr(mu, "init_device_mesh", lambda device_type, shape: (device_type, shape))
+    monkeypatch.setattr(dist_utils.tdist, "init_process_group", lambda backend, **kw: asked.update(backend=backend, **kw))
+    monkeypatch.setattr(dist_utils, "init_device_mesh", lambda device_type, shape: (device_type, shape))
     for k, v in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS", raising=False)
-    d = mu.setup_distributed(timeout_s=5400)
+    d = dist_utils.setup_distributed(timeout_s=5400)
     assert set(asked["backend"].split(",")) == {"cpu:gloo", "cuda:nccl"}
     assert asked["device_id"] == torch.device("cuda", 3) == asked["set_device"] == d.device
     assert asked["timeout"] == datetime.timedelta(seconds=5400)

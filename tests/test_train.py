@@ -25,7 +25,7 @@ def make_lab_data(root):
     data_dir = root / "data"
     subprocess.run([sys.executable, "synthetic.py", "--out", str(data_dir), "--n-mid", "64", "--n-teacher", "12",
                     "--n-eval", "4"], cwd=ROOT, check=True, env=ENV, capture_output=True)
-    subprocess.run([sys.executable, "data.py", "curate", "--input", str(data_dir / "teacher_raw.jsonl"),
+    subprocess.run([sys.executable, "curate.py", "--input", str(data_dir / "teacher_raw.jsonl"),
                     "--output", str(data_dir / "teacher.jsonl"), "--min-agreement", "0.0"],
                    cwd=ROOT, check=True, env=ENV, capture_output=True)
     return data_dir
@@ -156,6 +156,39 @@ def test_model_path_without_weights_and_incompatible_options(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_runtime_input_errors_are_one_line_from_rank_0(lab, tmp_path):
+    """Checks that need the run (the data read, the world size) or the machine: one `config error:` / `data
+    error:` line from rank 0 only, exit 2 from every rank (torchrun adds its own failure summary), no traceback
+    from train.py, nothing written but the resolved config.yaml."""
+    cfg = grpo_config(lab, "x")
+    cases = [(["data.group_size=64"], "data error: ", "no question kept data.group_size=64 responses"),
+             (["train.questions_per_step=3"], "config error: ", "train.questions_per_step=3 must be divisible by "
+                                                                "world size 2")]
+    for i, (extra, kind, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        path = tmp_path / f"run{i}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "output_dir": str(out)}))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "train.py", str(path), *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        ours = [line for line in proc.stderr.splitlines() if line.startswith(("config error:", "data error:"))]
+        assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-2000:]
+        assert ours == [ours[0]] and ours[0].startswith(kind) and message in ours[0], proc.stderr[-2000:]
+        assert 'train.py", line' not in proc.stderr  # torchrun's own summary is the only traceback
+        assert sorted(os.listdir(out)) == ["config.yaml"]
+    # the Triton backend on a machine without a GPU and without the interpreter: refused before anything runs
+    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "triton"
+    path = tmp_path / "triton.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "output_dir": str(out)}))
+    proc = subprocess.run([sys.executable, "train.py", str(path), "model.logprob_backend=triton"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "config error: model.logprob_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, the interpreter); "
+        "use auto or torch"], proc.stderr
+    assert not out.exists()
+
+
 def test_base_sft_same_losses_on_1_and_2_ranks(lab):
     cfg = base_config(lab["root"], lab["data"], max_steps=3)
     one = run_train(lab["root"] / "sft1", cfg, nproc=1)
@@ -284,13 +317,15 @@ def test_hf_export_matches_the_trained_state(lab, tmp_path):
 EXPORT_CHECK = r'''
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+import checkpoint
+import dist_utils
 import model_utils as mu
 base, out, result = sys.argv[1:]
-d = mu.setup_distributed()
+d = dist_utils.setup_distributed()
 model = mu.build_model(path=base, init_config=None, dist=d, param_dtype=torch.float32, reduce_dtype=torch.float32,
                        activation_checkpointing=False)
 opt = torch.optim.AdamW(model.parameters())
-mu.load_state(mu.latest_state(out + "/ckpt"), model, opt, dist=d)
+checkpoint.load_state(checkpoint.latest_state(out + "/ckpt"), model, opt, dist=d)
 tok = AutoTokenizer.from_pretrained(out + "/hf/final")
 ids = torch.tensor([tok("Mod 7: a=3+4. Find a.")["input_ids"]])
 mask = torch.ones_like(ids)
@@ -304,7 +339,7 @@ with torch.no_grad():
 if d.rank == 0:
     json.dump({"max_abs_diff": (trained - exported).abs().max().item(),
                "moved_from_base": (exported - start).abs().max().item()}, open(result, "w"))
-mu.teardown_distributed()
+dist_utils.teardown_distributed()
 '''
 
 

@@ -1,0 +1,102 @@
+"""The policy's own samples during training: on-policy rollouts, validation after an epoch, samples.jsonl.
+
+Every function here generates with model_utils.generate (collective-free decoding after one all-gather of the
+weights) and grades with reward.py / eval.math; cfg is train.py's Config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch.distributed as dist
+
+import eval.math as eval_math
+import checkpoint
+import model_utils as mu
+import reward
+from eval.metrics import summarize
+from dist_utils import print0
+
+
+def rollout(cfg, d, model, tokenizer, items: list[dict], step: int) -> list[dict]:
+    """G samples per question from the current policy (generation chunked so that prompt + new tokens of a
+    call stay within rollout.max_batch_tokens: the KV-cache budget), each scored by reward.py."""
+    G = cfg.data.group_size
+    prompts = [it["prompt_ids"] for it in items for _ in range(G)]
+    responses = mu.generate(model, tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                            seed=cfg.train.seed * 1_000_003 + step * d.world_size + d.rank,
+                            max_batch_tokens=cfg.rollout.max_batch_tokens)
+    fresh = []
+    for i, it in enumerate(items):
+        resp = responses[i * G:(i + 1) * G]
+        texts = tokenizer.batch_decode(resp, skip_special_tokens=True)
+        fresh.append({**it,
+                      "input_ids": [it["prompt_ids"] + r for r in resp],
+                      "loss_mask": [[0] * len(it["prompt_ids"]) + [1] * len(r) for r in resp],
+                      "rewards": [reward.score(t, it["gold"]) if it["gold"] is not None else 0.0 for t in texts],
+                      "texts": texts})
+    return fresh
+
+
+def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, epoch: int, step: int) -> None:
+    """After epoch `epoch`: every rank samples validation.n answers to its share of the problems (r::world,
+    mu.generate: collective-free decoding), grades them with eval.math.grade; rank 0 summarises them
+    (eval.metrics.summarize), logs a metrics row with val/ keys, and -- after the hf/epoch-N export --
+    copies that export to hf/best with best.json when its val/avg@n beats the best so far (ties: earlier)."""
+    vc = cfg.validation
+    instruction = eval_math.BOXED_INSTRUCTION if vc.instruction else ""
+    mine = records[d.rank::d.world_size]
+    prompt_ids = [tokenizer(eval_math.build_prompt(tokenizer, rec["problem"], instruction),
+                            add_special_tokens=False)["input_ids"] for rec in mine]
+    responses = mu.generate(model, tokenizer, [p for p in prompt_ids for _ in range(vc.n)],
+                            max_new_tokens=vc.max_new_tokens, temperature=vc.temperature, top_p=vc.top_p,
+                            seed=cfg.train.seed * 1_000_003 + epoch * 7919 + d.rank,
+                            max_batch_tokens=cfg.rollout.max_batch_tokens)
+    samples = []
+    for i, resp in enumerate(responses):
+        done = tokenizer.eos_token_id in resp
+        text = tokenizer.decode(resp, skip_special_tokens=True)
+        samples.append(eval_math.grade(mine[i // vc.n], i % vc.n, text, len(resp), not done))
+    gathered = [None] * d.world_size
+    dist.all_gather_object(gathered, samples)
+    epoch_dir = os.path.join(cfg.output_dir, "hf", f"epoch-{epoch}")
+    mu.save_hf(model, tokenizer, epoch_dir, dist=d)
+    if d.rank == 0:
+        summary = summarize([s for part in gathered for s in part])
+        scores = {f"val/{k}": v for k, v in summary.items() if k.startswith(("avg@", "pass@", "maj@"))}
+        metrics.log({"step": step, "val/epoch": epoch, **scores})
+        print0(f"validation after epoch {epoch} (step {step}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        best_path = os.path.join(cfg.output_dir, "best.json")
+        best = None
+        if os.path.exists(best_path):
+            with open(best_path) as f:
+                best = json.load(f)
+        if best is None or scores["val/avg@n"] > best["scores"]["val/avg@n"] or best["epoch"] == epoch:
+            best_dir = os.path.join(cfg.output_dir, "hf", "best")
+            shutil.rmtree(best_dir + ".tmp", ignore_errors=True)
+            shutil.copytree(epoch_dir, best_dir + ".tmp")
+            checkpoint.replace_dir(best_dir + ".tmp", best_dir)
+            with open(best_path + ".tmp", "w") as f:
+                json.dump({"epoch": epoch, "step": step, "scores": scores}, f)
+            os.replace(best_path + ".tmp", best_path)  # (a kill between the two: the resumed run repeats this)
+    dist.barrier()
+
+
+def write_samples(cfg, d, model, tokenizer, items: list[dict], step: int) -> None:
+    """samples.jsonl: on-policy, the rollouts this step trained on; otherwise a fresh greedy answer to this
+    rank's first question (all ranks generate; rank 0 writes its own)."""
+    if cfg.loss.name == "onpolicy":
+        shown = [{"gold": it["gold"], "rewards": it["rewards"][:2], "texts": it["texts"][:2]} for it in items[:2]]
+    else:
+        resp = mu.generate(model, tokenizer, [items[0]["prompt_ids"]], max_new_tokens=cfg.rollout.max_new_tokens,
+                           temperature=0.0, top_p=1.0, seed=cfg.train.seed,
+                           max_batch_tokens=cfg.rollout.max_batch_tokens)
+        texts = tokenizer.batch_decode(resp, skip_special_tokens=True)
+        gold = items[0]["gold"]
+        shown = [{"gold": gold, "rewards": [reward.score(texts[0], gold) if gold is not None else 0.0],
+                  "texts": texts}]
+    if d.rank == 0:
+        with open(os.path.join(cfg.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps({"step": step, **s}) + "\n" for s in shown)
