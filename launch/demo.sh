@@ -23,7 +23,7 @@ stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 stamp "data"
 python synthetic.py --out data/tiny
-python curate.py      --input data/tiny/teacher_raw.jsonl --output data/tiny/teacher.jsonl
+python curate.py --input data/tiny/teacher_raw.jsonl --output data/tiny/teacher.jsonl
 python synthetic.py --out data/tiny/val --seed 1 --n-mid 64 --n-teacher 4 --n-eval 50  # validation problems only
 
 stamp "base model (mid-training)"
