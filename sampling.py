@@ -19,15 +19,39 @@ from eval.metrics import summarize
 from dist_utils import print0
 
 
-def rollout(cfg, d, model, tokenizer, items: list[dict], step: int) -> list[dict]:
-    """G samples per question from the current policy (generation chunked so that prompt + new tokens of a
-    call stay within rollout.max_batch_tokens: the KV-cache budget), each scored by reward.py."""
+def make_engine(cfg, d):
+    """rollout.backend=vllm: this rank's vLLM engine (vllm_engine.VllmRollout, started from model.path); else None."""
+    if cfg.rollout.backend != "vllm":
+        return None
+    from vllm_engine import VllmRollout
+
+    return VllmRollout(cfg.model.path, seed=cfg.train.seed * 1_000_003 + d.rank,
+                       gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
+
+
+def policy_generate(model, tokenizer, prompts: list[list[int]], engine, *, max_new_tokens: int, temperature: float,
+                    top_p: float, seed: int, max_batch_tokens: int) -> list[list[int]]:
+    """Responses of the current policy: through the vLLM engine (fed the policy's weights first, put to sleep
+    after) when there is one, else model_utils.generate. Collective: every rank calls it."""
+    if engine is None:
+        return mu.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, max_batch_tokens=max_batch_tokens)
+    engine.sync(model)
+    out = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    engine.sleep()
+    return out
+
+
+def rollout(cfg, d, model, tokenizer, items: list[dict], step: int, engine=None) -> list[dict]:
+    """G samples per question from the current policy (policy_generate: vLLM with rollout.backend=vllm; HF
+    generate chunked so that prompt + new tokens of a call stay within rollout.max_batch_tokens, the KV-cache
+    budget), each scored by reward.py."""
     G = cfg.data.group_size
     prompts = [it["prompt_ids"] for it in items for _ in range(G)]
-    responses = mu.generate(model, tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                            seed=cfg.train.seed * 1_000_003 + step * d.world_size + d.rank,
-                            max_batch_tokens=cfg.rollout.max_batch_tokens)
+    responses = policy_generate(model, tokenizer, prompts, engine, max_new_tokens=cfg.rollout.max_new_tokens,
+                                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                seed=cfg.train.seed * 1_000_003 + step * d.world_size + d.rank,
+                                max_batch_tokens=cfg.rollout.max_batch_tokens)
     fresh = []
     for i, it in enumerate(items):
         resp = responses[i * G:(i + 1) * G]
@@ -40,7 +64,8 @@ def rollout(cfg, d, model, tokenizer, items: list[dict], step: int) -> list[dict
     return fresh
 
 
-def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, epoch: int, step: int) -> None:
+def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, epoch: int, step: int,
+                   engine=None) -> None:
     """After epoch `epoch`: every rank samples validation.n answers to its share of the problems (r::world,
     mu.generate: collective-free decoding), grades them with eval.math.grade; rank 0 summarises them
     (eval.metrics.summarize), logs a metrics row with val/ keys, and -- after the hf/epoch-N export --
@@ -50,10 +75,10 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
     mine = records[d.rank::d.world_size]
     prompt_ids = [tokenizer(eval_math.build_prompt(tokenizer, rec["problem"], instruction),
                             add_special_tokens=False)["input_ids"] for rec in mine]
-    responses = mu.generate(model, tokenizer, [p for p in prompt_ids for _ in range(vc.n)],
-                            max_new_tokens=vc.max_new_tokens, temperature=vc.temperature, top_p=vc.top_p,
-                            seed=cfg.train.seed * 1_000_003 + epoch * 7919 + d.rank,
-                            max_batch_tokens=cfg.rollout.max_batch_tokens)
+    responses = policy_generate(model, tokenizer, [p for p in prompt_ids for _ in range(vc.n)], engine,
+                                max_new_tokens=vc.max_new_tokens, temperature=vc.temperature, top_p=vc.top_p,
+                                seed=cfg.train.seed * 1_000_003 + epoch * 7919 + d.rank,
+                                max_batch_tokens=cfg.rollout.max_batch_tokens)
     samples = []
     for i, resp in enumerate(responses):
         done = tokenizer.eos_token_id in resp

@@ -22,6 +22,7 @@ Before the loop: data.num_questions draws the question subset; the cached refere
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -112,6 +113,9 @@ class RolloutConfig:                      # on-policy sampling (loss.name = onpo
     max_new_tokens: int = 1024            # response budget per sample (tokens)
     max_batch_tokens: int = 131072        # KV-cache budget of one generate call: sequences x (prompt + new tokens);
                                           # a rank's samples run in as many calls as it takes (7B bf16: 56 KiB/token)
+    backend: str = "hf"                   # hf (model_utils.generate) | vllm (vllm_engine.py: an engine per rank fed
+                                          # the policy's weights before each rollout and validation; needs model.path)
+    vllm_gpu_memory_utilization: float = 0.3  # GPU memory fraction the vLLM engine may take (weights + KV cache)
 
 
 @dataclass
@@ -222,6 +226,12 @@ def validate(cfg: Config) -> None:
     need(vc.limit is None or vc.limit >= 1, "validation.limit must be >= 1 or null")
     need(cfg.data.overlong in ("truncate", "drop"), f"data.overlong must be truncate or drop, got {cfg.data.overlong!r}")
     need(cfg.rollout.max_batch_tokens >= 1, "rollout.max_batch_tokens must be >= 1")
+    need(cfg.rollout.backend in ("hf", "vllm"), f"rollout.backend must be hf or vllm, got {cfg.rollout.backend!r}")
+    need(cfg.rollout.backend != "vllm" or cfg.model.path is not None,
+         "rollout.backend=vllm starts its engine from model.path: set model.path (not model.init_config)")
+    need(cfg.rollout.backend != "vllm" or importlib.util.find_spec("vllm") is not None,
+         "rollout.backend=vllm needs the vllm package (README: vLLM); use rollout.backend=hf")
+    need(0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1]")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     need(cfg.train.micro_batch_tokens >= 0, "train.micro_batch_tokens must be >= 0 (0 = padded micro-batches)")
     bad_loggers = loggers.check(cfg.train.loggers, cfg.train.wandb_mode)
@@ -289,14 +299,17 @@ def run(cfg: Config) -> None:
         ref_cache = reference.prepare(cfg, d, lambda batch: logprobs(cfg, d, model, batch), dataset, tokenizer,
                                       step)
     metrics = open_metrics_log(cfg, d, step)
+    engine = sampling.make_engine(cfg, d)  # rollout.backend=vllm: this rank's engine; else None (HF generate)
     try:
         train_loop(cfg, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop, metrics,
-                   step=step, total_steps=total_steps, nonfinite_total=nonfinite_total, validated=validated)
+                   engine, step=step, total_steps=total_steps, nonfinite_total=nonfinite_total, validated=validated)
     finally:  # (a stop, SIGTERM or an abort leaves train_loop by SystemExit)
         if metrics is not None:
             metrics.close()
     mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", "final"), dist=d)
     print0(f"done: {total_steps} steps; model in {os.path.join(cfg.output_dir, 'hf', 'final')}")
+    if engine is not None:
+        engine.close()
     dist_utils.teardown_distributed()
 
 
@@ -571,7 +584,7 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
 # --------------------------------------------------------------------------- the loop
 
 def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer, dataset, sampler, stop: dict,
-               metrics, *, step: int, total_steps: int, nonfinite_total: int, validated: int) -> None:
+               metrics, engine, *, step: int, total_steps: int, nonfinite_total: int, validated: int) -> None:
     """Optimizer steps until total_steps: draw the step's questions, roll out (on-policy), train_step, log,
     samples, checkpoints; after every validation.every_epochs-th epoch (the state saved first), validation.
     A non-finite step is skipped; max_nonfinite in a row abort. SIGTERM (any rank) or train.stop_after: every
@@ -585,7 +598,8 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         epochs_done = int(sampler.progress)
         if epochs_done > validated:  # an epoch ended: its state is saved (below), so a kill here repeats only this
             if val_records and epochs_done % cfg.validation.every_epochs == 0:
-                sampling.validate_epoch(cfg, d, model, tokenizer, val_records, metrics, epoch=epochs_done, step=step)
+                sampling.validate_epoch(cfg, d, model, tokenizer, val_records, metrics, epoch=epochs_done, step=step,
+                                         engine=engine)
             validated = epochs_done
         if step >= total_steps:
             break
@@ -593,7 +607,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         qidx = sampler.next_step()                                                     # this rank's questions
         items = [dataset[i] for i in qidx]
         if cfg.loss.name == "onpolicy":
-            items = sampling.rollout(cfg, d, model, tokenizer, items, step)
+            items = sampling.rollout(cfg, d, model, tokenizer, items, step, engine)
         row = train_step(cfg, d, model, ref_model, ref_cache, optimizer, items, qidx,
                          lr_at(step, cfg.optim, total_steps), tokenizer.pad_token_id)
         if row.pop("finite"):

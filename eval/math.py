@@ -261,7 +261,9 @@ def main(argv=None) -> list[dict]:
             from vllm import LLM
         except ImportError:
             sys.exit("eval.math: error: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
-        load, where = (lambda d: LLM(model=d, seed=a.seed)), "vllm"
+        import torch  # the HF path's dtypes: bf16 on GPU, fp32 on CPU (vLLM's CPU default is bf16)
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        load, where = (lambda d: LLM(model=d, seed=a.seed, dtype=dtype)), f"vllm ({dtype})"
     else:
         import torch
         from transformers import AutoModelForCausalLM
