@@ -229,8 +229,6 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.backend in ("hf", "vllm"), f"rollout.backend must be hf or vllm, got {cfg.rollout.backend!r}")
     need(cfg.rollout.backend != "vllm" or cfg.model.path is not None,
          "rollout.backend=vllm starts its engine from model.path: set model.path (not model.init_config)")
-    need(cfg.rollout.backend != "vllm" or importlib.util.find_spec("vllm") is not None,
-         "rollout.backend=vllm needs the vllm package (README: vLLM); use rollout.backend=hf")
     need(0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1]")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     need(cfg.train.micro_batch_tokens >= 0, "train.micro_batch_tokens must be >= 0 (0 = padded micro-batches)")
@@ -242,7 +240,10 @@ def validate(cfg: Config) -> None:
 
 
 def validate_paths(cfg: Config) -> None:
-    """The files the run reads must exist (checked before anything is written)."""
+    """What the run needs of this machine: the files it reads, the vllm package for rollout.backend=vllm
+    (checked before anything is written; benchmarks/memory.py rehearses configs without these checks)."""
+    need(cfg.rollout.backend != "vllm" or importlib.util.find_spec("vllm") is not None,
+         "rollout.backend=vllm needs the vllm package (README: vLLM); use rollout.backend=hf")
     if cfg.model.path is not None:
         need(os.path.isdir(cfg.model.path), f"model.path not found: {cfg.model.path}")
         need(os.path.isfile(os.path.join(cfg.model.path, "config.json")), f"model.path has no config.json: {cfg.model.path}")

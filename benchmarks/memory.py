@@ -21,6 +21,8 @@ weights are added to every phase, since the tracker follows one root module):
                largest generate call and one decode step's logits (computed from the shapes: HF generate's
                stopping checks are host syncs, which fake tensors cannot do)
   validation   the same for validation sampling (validation.every_epochs > 0)
+               (rollout.backend=vllm: both phases are phase_vllm_rollout -- the engine's preallocation and the
+               weight sync's largest transient, computed; the policy stays sharded)
   hf_export    each parameter gathered in full and dropped in turn, as get_model_state_dict(cpu_offload=True)
                does (the full fp32 state dict then sits in rank 0's host memory: reported as host_gib)
 
@@ -185,6 +187,26 @@ def phase_generation(cfg, model, optimizer, tracker_cls, *, rank_samples: int, m
     return out
 
 
+def phase_vllm_rollout(cfg, model, optimizer, tracker_cls, *, gpu_memory_gib: float):
+    """rollout.backend=vllm (vllm_engine.py). Measured: the persistent state (the policy stays sharded). Computed:
+    the engine's preallocation, rollout.vllm_gpu_memory_utilization x the GPU's memory (its weights and KV cache
+    live inside it), and the sync's largest transient: one decoder layer's full weights in bf16 plus one full
+    fp32 parameter. Outside rollouts the engine sleeps: its bf16 weights sit in host memory (host_gib)."""
+    with tracker_cls(model, optimizer) as t:
+        measured = peak(t)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    layer = max(sum(p.numel() for p in m.parameters()) for m in layers) if layers else 0
+    largest = max(p.numel() for p in model.parameters())
+    sync = (layer * 2 + largest * 4) / GIB
+    engine = cfg.rollout.vllm_gpu_memory_utilization * gpu_memory_gib
+    out = dict(measured)
+    out.update(peak_gib=measured["peak_gib"] + engine + sync, engine_gib=engine, sync_gib=sync,
+               host_gib=sum(p.numel() for p in model.parameters()) * 2 / GIB, computed=["engine_gib", "sync_gib"])
+    out["activations"] += engine
+    out["temporaries"] += sync
+    return out
+
+
 def validation_samples(cfg, world: int) -> int:
     """Samples one rank draws at a validation: n x its share of the problems (the file's count when it is here,
     else the budget is taken as filled)."""
@@ -207,7 +229,7 @@ def phase_hf_export(model, optimizer, tracker_cls):
     return out
 
 
-def rehearse(cfg, world: int) -> dict:
+def rehearse(cfg, world: int, gpu_memory: float = 80.0) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.device_mesh import init_device_mesh
@@ -229,11 +251,15 @@ def rehearse(cfg, world: int) -> dict:
             phases["ref_prepass"] = phase_ref_prepass(cfg, d, model, FSDPMemTracker)
         phases["train_step"] = phase_train_step(cfg, d, model, ref_model, optimizer, FSDPMemTracker)
         phases["optimizer_step"] = phase_optimizer_step(model)
-        if cfg.loss.name == "onpolicy":
+        if cfg.loss.name == "onpolicy" and cfg.rollout.backend == "vllm":
+            phases["rollout"] = phase_vllm_rollout(cfg, model, optimizer, FSDPMemTracker, gpu_memory_gib=gpu_memory)
+        elif cfg.loss.name == "onpolicy":
             phases["rollout"] = phase_generation(
                 cfg, model, optimizer, FSDPMemTracker, max_new_tokens=cfg.rollout.max_new_tokens,
                 rank_samples=cfg.train.questions_per_step // world * cfg.data.group_size)
-        if cfg.validation.every_epochs:
+        if cfg.validation.every_epochs and cfg.rollout.backend == "vllm":
+            phases["validation"] = phase_vllm_rollout(cfg, model, optimizer, FSDPMemTracker, gpu_memory_gib=gpu_memory)
+        elif cfg.validation.every_epochs:
             phases["validation"] = phase_generation(cfg, model, optimizer, FSDPMemTracker,
                                                     max_new_tokens=cfg.validation.max_new_tokens,
                                                     rank_samples=validation_samples(cfg, world))
@@ -272,7 +298,7 @@ def main(argv=None):
                  f"--world {a.world}")
     model_config_dir(cfg)  # (its checks, before the rehearsal starts)
     t0 = time.time()
-    phases = rehearse(cfg, a.world)
+    phases = rehearse(cfg, a.world, a.gpu_memory)
     budget = a.gpu_memory - a.reserve
     fits = all(p["peak_gib"] <= budget for p in phases.values())
     lengths = micro_batch_lengths(cfg)
@@ -286,7 +312,11 @@ def main(argv=None):
         print(f"{name:<12} {p['peak_gib']:>9.1f} " + " ".join(f"{p[c]:>12.1f}" for c in CATEGORIES)
               + ("" if p["peak_gib"] <= budget else "   DOES NOT FIT"))
     for name in ("rollout", "validation"):
-        if name in phases:
+        if name in phases and "engine_gib" in phases[name]:
+            r = phases[name]
+            print(f"{name}: vLLM engine {r['engine_gib']:.1f} GiB (rollout.vllm_gpu_memory_utilization), weight sync "
+                  f"{r['sync_gib']:.1f} GiB, computed; asleep while training: {r['host_gib']:.1f} GiB of host memory")
+        elif name in phases:
             r = phases[name]
             print(f"{name}: {r['rows_per_call']} sequences per generate call; KV cache {r['kv_cache_gib']:.1f} GiB "
                   f"and logits {r['logits_gib']:.2f} GiB computed from the shapes")

@@ -70,6 +70,32 @@ def test_rehearsal_reports_every_phase_and_the_persistent_state_by_hand(shallow_
         assert "DOES NOT FIT" not in proc.stdout and name in proc.stdout
 
 
+def test_vllm_rollouts_count_the_engine_and_the_weight_sync(shallow_7b, tmp_path):
+    """rollout.backend=vllm: the rollout and validation phases hold the sharded policy (no unsharded copy), the
+    engine's preallocation (vllm_gpu_memory_utilization x --gpu-memory) and the sync's largest transient, one
+    decoder layer in bf16 + the largest parameter in fp32."""
+    model_dir, cfg = shallow_7b
+    out = tmp_path / "mem.json"
+    proc = run_memory("configs/onpolicy.yaml", "--world", "8", "--gpu-memory", "80", "--json", str(out),
+                      overrides=[f"model.path={model_dir}", "data.max_len=2048", "rollout.backend=vllm",
+                                 "rollout.vllm_gpu_memory_utilization=0.25"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = json.loads(out.read_text())["phases"]
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    layer = h * (h + 2 * kv + h) + (h + 2 * kv) + 3 * h * inter + 2 * h
+    n = shallow_params(cfg)
+    for name in ("rollout", "validation"):
+        r = phases[name]
+        assert r["engine_gib"] == pytest.approx(0.25 * 80)
+        assert r["sync_gib"] == pytest.approx((2 * layer + 4 * v * h) / GIB, rel=1e-6)
+        assert r["host_gib"] == pytest.approx(2 * n / GIB, rel=1e-6)  # the sleeping engine's bf16 weights
+        persistent = r["peak_gib"] - r["engine_gib"] - r["sync_gib"] - r["ref_model_sharded_gib"]
+        assert persistent == pytest.approx(phases["hf_export"]["parameters"] + phases["hf_export"]["optimizer"]
+                                           - r["ref_model_sharded_gib"], rel=0.05)  # the shards, nothing gathered
+    assert "vLLM engine 20.0 GiB" in proc.stdout
+
+
 def test_too_small_a_budget_exits_non_zero(shallow_7b, tmp_path):
     model_dir, _ = shallow_7b
     proc = run_memory("configs/bias05.yaml", "--world", "8", "--gpu-memory", "3", "--json", str(tmp_path / "m.json"),

@@ -150,6 +150,7 @@ def test_model_path_without_weights_and_incompatible_options(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     for override, message in [("loss.name=sft", f"model.path has no safetensors weights: {tmp_path}"),
+                              ("rollout.backend=vllm", "rollout.backend=vllm needs the vllm package"),  # (not here)
                               ("loss.name=onpolicy loss.kl_coef=0.1 loss.ref_logprobs=cached",
                                "loss.ref_logprobs=cached needs fixed responses")]:
         proc = subprocess.run([sys.executable, "train.py", str(path), *override.split()], cwd=ROOT, env=ENV,
