@@ -333,3 +333,12 @@ class GroupSampler:
 
     def load_state_dict(self, state):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def write_questions(path: str, records: list[dict], chosen: list[int], weights) -> None:
+    """The drawn subset (data.num_questions) as JSONL, one line per question: id, weight, agreement, difficulty."""
+    with open(path, "w") as f:
+        for i in chosen:
+            rec = records[i]
+            f.write(json.dumps({"id": rec["id"], "weight": 1.0 if weights is None else weights[i],
+                                "agreement": rec["agreement"], "difficulty": rec["difficulty"]}) + "\n")

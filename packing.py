@@ -93,3 +93,25 @@ def packed_targets(input_ids: torch.Tensor, lengths: list[int], ignore_index: in
     ends = torch.tensor(lengths).cumsum(0)[:-1] - 1                                    # last token of s_1..s_(k-1)
     targets[0, ends.to(targets.device)] = ignore_index
     return targets
+
+
+def micro_batches(lengths: list[int], *, micro_batch_size: int, micro_batch_tokens: int, device) -> list[list[int]]:
+    """The rows of a rank's step in micro-batches: with micro_batch_tokens (train.micro_batch_tokens), bins of
+    whole sequences packed up to that many tokens (plan_across_ranks: as many on every rank, since under FSDP
+    each forward is a collective); else micro_batch_size rows in length order (less padding). The loss is a
+    sum over rows, so any split gives the same step."""
+    if micro_batch_tokens:  # (every rank holds as many rows, so no bin stays empty)
+        return plan_across_ranks(lengths, micro_batch_tokens, device)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[lo:lo + micro_batch_size] for lo in range(0, len(order), micro_batch_size)]
+
+
+def make_batch(full: dict, rows: list[int], lengths: list[int], *, packed: bool) -> dict:
+    """The micro-batch of `rows` of a collated step: input_ids / attention_mask / loss_mask [b, width] trimmed to
+    the longest row, and when `packed` its padding-free row for the forward ("packed", pack)."""
+    width = max(lengths[r] for r in rows)
+    idx = torch.tensor(rows)                                                           # [b]
+    batch = {k: full[k][idx, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
+    if packed:
+        batch["packed"] = pack([full["input_ids"][r, :lengths[r]] for r in rows])
+    return batch

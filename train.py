@@ -365,7 +365,8 @@ def build_data(cfg: Config, d, tokenizer):
     if cfg.data.num_questions:  # the blog's protocol: K questions drawn by the weights, then plain epochs over them
         chosen = data.draw_questions(len(dataset), cfg.data.num_questions, seed=cfg.train.seed, weights=weights)
         if d.rank == 0:
-            write_questions(cfg, dataset, chosen, weights)
+            data.write_questions(os.path.join(cfg.output_dir, "questions.jsonl"), dataset.records, chosen,
+                                 weights)
         dataset.keep(chosen)
         weights = None
         print0(f"data: drew {len(dataset)} questions (data.num_questions), written to questions.jsonl")
@@ -380,16 +381,6 @@ def build_data(cfg: Config, d, tokenizer):
     per_epoch = len(dataset) if weights is None else sum(w > 0 for w in weights)  # an epoch skips weight 0
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * per_epoch / Q)
     return dataset, sampler, total
-
-
-def write_questions(cfg: Config, dataset, chosen: list[int], weights) -> None:
-    """<output_dir>/questions.jsonl: the drawn subset, one line per question (id, weight, agreement, difficulty)."""
-    with open(os.path.join(cfg.output_dir, "questions.jsonl"), "w") as f:
-        records = dataset.records
-        for i in chosen:
-            rec = records[i]
-            f.write(json.dumps({"id": rec["id"], "weight": 1.0 if weights is None else weights[i],
-                                "agreement": rec["agreement"], "difficulty": rec["difficulty"]}) + "\n")
 
 
 # --------------------------------------------------------------------------- models
@@ -420,28 +411,6 @@ def logprobs(cfg: Config, d, model, batch, entropy=False):
                                   backend=cfg.model.logprob_backend, return_entropy=entropy)
     return mu.sequence_logprobs(model, batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device),
                                 backend=cfg.model.logprob_backend, return_entropy=entropy)
-
-
-def micro_batches(cfg: Config, d, lengths: list[int]) -> list[list[int]]:
-    """The rows of a rank's step (or pre-pass) in micro-batches: with train.micro_batch_tokens, bins of whole
-    sequences packed up to that many tokens (packing.plan), as many on every rank (FSDP: each forward is a
-    collective; the max over ranks, one all-reduce, fewer-binned ranks split bins); else micro_batch_size rows
-    in length order (less padding). The loss is a sum over rows, so any split gives the same step."""
-    if cfg.train.micro_batch_tokens:  # (every rank holds as many rows, so no bin stays empty)
-        return packing.plan_across_ranks(lengths, cfg.train.micro_batch_tokens, d.device)
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[lo:lo + cfg.train.micro_batch_size] for lo in range(0, len(order), cfg.train.micro_batch_size)]
-
-
-def make_batch(cfg: Config, full: dict, rows: list[int], lengths: list[int]) -> dict:
-    """The micro-batch of `rows` of a collated step: input_ids / attention_mask / loss_mask [b, width] trimmed to
-    the longest row, and with train.micro_batch_tokens its packed row for the forward ("packed")."""
-    width = max(lengths[r] for r in rows)
-    idx = torch.tensor(rows)                                                           # [b]
-    batch = {k: full[k][idx, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
-    if cfg.train.micro_batch_tokens:
-        batch["packed"] = packing.pack([full["input_ids"][r, :lengths[r]] for r in rows])
-    return batch
 
 
 # --------------------------------------------------------------------------- resume
@@ -537,7 +506,7 @@ def micro_batch_loss(cfg: Config, d, model, ref_model, ref_cache, batch: dict, a
 def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: list[dict], qidx: list[int],
                lr: float, pad_id: int) -> dict:
     """One optimizer step over this rank's groups: advantages per whole group (eqs. 1-2), then the micro-batches
-    (micro_batches: packed or padded), backward each; grad-norm clip and AdamW unless the loss or norm is
+    (packing.micro_batches: packed or padded), backward each; grad-norm clip and AdamW unless the loss or norm is
     non-finite."""
     G, lc = cfg.data.group_size, cfg.loss
     counts = step_counts(cfg, d, items)
@@ -551,9 +520,10 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
     stats = torch.zeros(6, dtype=torch.float64, device=d.device)                       # [6]
     n_tok = full["attention_mask"].sum(1).tolist()
     row_key = [(qi, j, n_tok[i * G + j]) for i, qi in enumerate(qidx) for j in range(G)]  # (question, response, tokens)
-    plan = micro_batches(cfg, d, n_tok)
+    plan = packing.micro_batches(n_tok, micro_batch_size=cfg.train.micro_batch_size,
+                                 micro_batch_tokens=cfg.train.micro_batch_tokens, device=d.device)
     for rows in plan:
-        batch = make_batch(cfg, full, rows, n_tok)
+        batch = packing.make_batch(full, rows, n_tok, packed=bool(cfg.train.micro_batch_tokens))
         idx = torch.tensor(rows, device=d.device)                                      # [b]
         loss, mb_stats = micro_batch_loss(cfg, d, model, ref_model, ref_cache, batch, adv_all[idx],
                                           rewards_all[idx], [row_key[r] for r in rows], counts)

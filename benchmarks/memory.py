@@ -92,7 +92,7 @@ def micro_batch_lengths(cfg) -> list[int]:
 
 def fake_batch(cfg, lengths: list[int]):
     """A micro-batch of sequences of `lengths` tokens, prompt min(1,024, n / 4) tokens each (real CPU tensors,
-    like train.make_batch's output; the model sees fake ones after .to(device)), packed as train.py packs it
+    like packing.make_batch's output; the model sees fake ones after .to(device)), packed as train.py packs it
     when train.micro_batch_tokens is set."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     with unset_fake_temporarily():
