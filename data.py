@@ -51,9 +51,15 @@ def validate_record(rec):
     return None if len(rec["rewards"]) == len(rec["responses"]) else "bad_rewards"
 
 
-def read_records(path):
+HEAVY_KEYS = ("question", "responses", "dag")  # what read_records(index_only=True) leaves out
+
+
+def read_records(path, *, index_only=False):
     """Read a curated JSONL file -> list of records (schema in the module docstring).
 
+    index_only: keep only what the question draw needs (id, rewards, gold, agreement, difficulty, source...),
+    without HEAVY_KEYS, plus "_line" (the record's line number, for read_lines) and "num_responses": one
+    streaming pass whose memory grows with the number of questions, not with their texts.
     Malformed lines (bad JSON, non-UTF-8, schema violations, duplicate ids) are skipped and counted; a
     one-line summary is printed (rank 0) when any were; more than 1% malformed raises DataError."""
     counter, records, seen = MalformedCounter(), [], set()
@@ -65,11 +71,20 @@ def read_records(path):
             counter.bad(reason, f"{path}:{line_no}")
             continue
         seen.add(rec["id"])
+        if index_only:
+            rec = {**{k: v for k, v in rec.items() if k not in HEAVY_KEYS}, "_line": line_no,
+                   "num_responses": len(rec["responses"])}
         records.append(rec)
     counter.check(f"read_records({path})")
     if counter.num_malformed:
         print0(f"read_records: skipped {counter.num_malformed}/{counter.total} malformed lines: {counter.reasons}")
     return records
+
+
+def read_lines(path, line_nos):
+    """The full records at the given line numbers (from read_records(index_only=True)'s "_line"), in file order;
+    the lines were validated by the index pass."""
+    return [rec for _, rec in iter_json_lines(path, MalformedCounter(), wanted=set(line_nos))]
 
 
 def sampling_weights(records, *, agreement_weights, difficulty_weights, pass_rates=None, pass_rate_band=(0.0, 1.0)):
@@ -262,17 +277,50 @@ def _weighted_order(weights, rng):
 SUBSET_STREAM = int.from_bytes(b"subset", "big")  # draw_questions' rng stream, apart from the sampler's [seed, epoch]
 
 
+def draw_order(num_questions, k, *, seed, weights=None):
+    """The draw's whole order (draw_questions' first k are the subset; the rest its replacements, in turn):
+    the positive-weight indices by _weighted_order with numpy.random.default_rng([seed, SUBSET_STREAM]).
+    k above the number of positive-weight questions raises DataError."""
+    weights = np.ones(num_questions) if weights is None else _check_weights(weights, num_questions)
+    positive = int(np.count_nonzero(weights > 0))
+    if not 1 <= k <= positive:
+        raise DataError(f"num_questions {k} not in [1, {positive}] ({positive} questions have a positive weight)")
+    return [int(i) for i in _weighted_order(weights, np.random.default_rng([seed, SUBSET_STREAM]))]
+
+
 def draw_questions(num_questions, k, *, seed, weights=None):
     """k distinct question indices (data.num_questions: the blog's ~2,000), drawn without replacement by
     `weights` (sampling_weights; None = uniform) with numpy.random.default_rng([seed, SUBSET_STREAM]): no rank
     in it, so every rank and world size draws the same subset. A weight-0 question is never drawn; k above the
     number of positive-weight questions raises DataError. Returned sorted: the draw decides which questions,
     the order they are trained in is GroupSampler's (a fresh permutation each epoch)."""
-    weights = np.ones(num_questions) if weights is None else _check_weights(weights, num_questions)
-    positive = int(np.count_nonzero(weights > 0))
-    if not 1 <= k <= positive:
-        raise DataError(f"num_questions {k} not in [1, {positive}] ({positive} questions have a positive weight)")
-    return sorted(int(i) for i in _weighted_order(weights, np.random.default_rng([seed, SUBSET_STREAM]))[:k])
+    return sorted(draw_order(num_questions, k, seed=seed, weights=weights)[:k])
+
+
+def tokenise_drawn(path, index, order, k, tokenizer, **dataset_kw):
+    """Tokenise only the drawn questions: the first k usable ones of `order` (draw_order over `index`, the
+    read_records(index_only=True) list). A drawn question that turns out unusable (fewer than group_size
+    responses fit) is replaced by the next in the order, deterministically, and counted ("drawn_replaced");
+    one with fewer than group_size responses at all is passed over without reading it. Returns
+    (GroupDataset of the kept questions in index order, their sorted indices)."""
+    group_size = dataset_kw["group_size"]
+    full, order = order, [i for i in order if index[i]["num_responses"] >= group_size]
+    kept, report, pos = {}, {}, 0  # kept: index -> GroupDataset item
+    while len(kept) < k and pos < len(order):
+        take, pos = order[pos:pos + k - len(kept)], pos + k - len(kept)
+        part = GroupDataset(read_lines(path, [index[i]["_line"] for i in take]), tokenizer, **dataset_kw)
+        of_id = {index[i]["id"]: i for i in take}
+        kept.update({of_id[item[0]["id"]]: item for item in part.items})
+        report = {key: report.get(key, 0) + v for key, v in part.report.items()}
+    if len(kept) < k:
+        raise DataError(f"{path}: only {len(kept)} of the drawn questions keep data.group_size={group_size} "
+                        f"responses, below num_questions {k}")
+    chosen = sorted(kept)
+    dataset = GroupDataset([], tokenizer, **dataset_kw)
+    dataset.items, dataset.report = [kept[i] for i in chosen], report
+    consumed = full.index(order[min(pos, len(order)) - 1]) + 1  # how far into the draw's order it went
+    dataset.report.update(questions_kept=k, questions_drawn=k, drawn_replaced=consumed - k)
+    return dataset, chosen
 
 
 class GroupSampler:
@@ -342,3 +390,10 @@ def write_questions(path: str, records: list[dict], chosen: list[int], weights) 
             rec = records[i]
             f.write(json.dumps({"id": rec["id"], "weight": 1.0 if weights is None else weights[i],
                                 "agreement": rec["agreement"], "difficulty": rec["difficulty"]}) + "\n")
+
+
+if __name__ == "__main__":  # the command of the earlier README: curation moved to curate.py
+    import sys
+    print(f"data.py: error: data.py is no command; curate with `python curate.py {' '.join(sys.argv[2:])}`"
+          " (python curate.py -h for usage)", file=sys.stderr)
+    sys.exit(2)

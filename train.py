@@ -352,27 +352,33 @@ def compute_dtype(cfg: Config, device_type: str):
 
 def build_data(cfg: Config, d, tokenizer):
     """Curated records -> tokenised groups -> a deterministic, resumable, rank-sharded sampler.
-    Returns (dataset, sampler, total optimizer steps)."""
-    records = data.read_records(cfg.data.train_path)
-    dataset = data.GroupDataset(records, tokenizer, group_size=cfg.data.group_size, max_len=cfg.data.max_len,
-                                overlong=cfg.data.overlong)
-    print0(f"data: {len(dataset)} questions x {cfg.data.group_size} responses; {dataset.report}")
-    pass_rates = data.read_pass_rates(cfg.data.pass_rates) if cfg.data.pass_rates else None
+    With data.num_questions the draw comes first, from an index pass (no texts kept), and only the drawn
+    questions are read and tokenised (data.tokenise_drawn). Returns (dataset, sampler, total optimizer steps)."""
+    dcfg, path = cfg.data, cfg.data.train_path
+    records = data.read_records(path, index_only=bool(dcfg.num_questions))
+    most = max(r["num_responses"] if "num_responses" in r else len(r["responses"]) for r in records)
+    if dcfg.group_size > most:  # before the draw: the cause, not its consequence on the weights
+        raise data.DataError(f"{path}: data.group_size={dcfg.group_size} but the most responses any question "
+                             f"has is {most} ({len(records)} questions)")
+    kw = dict(group_size=dcfg.group_size, max_len=dcfg.max_len, overlong=dcfg.overlong)
+    pass_rates = data.read_pass_rates(dcfg.pass_rates) if dcfg.pass_rates else None
     weights = None
-    if cfg.data.agreement_weights or cfg.data.difficulty_weights or pass_rates:
-        weights = data.sampling_weights(dataset.records, agreement_weights=cfg.data.agreement_weights,
-                                        difficulty_weights=cfg.data.difficulty_weights, pass_rates=pass_rates)
-    if cfg.data.num_questions:  # the blog's protocol: K questions drawn by the weights, then plain epochs over them
-        chosen = data.draw_questions(len(dataset), cfg.data.num_questions, seed=cfg.train.seed, weights=weights)
+    if dcfg.agreement_weights or dcfg.difficulty_weights or pass_rates:
+        weights = data.sampling_weights(records, agreement_weights=dcfg.agreement_weights,
+                                        difficulty_weights=dcfg.difficulty_weights, pass_rates=pass_rates)
+    if dcfg.num_questions:  # the blog's protocol: K questions drawn by the weights, then plain epochs over them
+        order = data.draw_order(len(records), dcfg.num_questions, seed=cfg.train.seed, weights=weights)
+        dataset, chosen = data.tokenise_drawn(path, records, order, dcfg.num_questions, tokenizer, **kw)
         if d.rank == 0:
-            data.write_questions(os.path.join(cfg.output_dir, "questions.jsonl"), dataset.records, chosen,
-                                 weights)
-        dataset.keep(chosen)
+            data.write_questions(os.path.join(cfg.output_dir, "questions.jsonl"), records, chosen, weights)
         weights = None
-        print0(f"data: drew {len(dataset)} questions (data.num_questions), written to questions.jsonl")
+        print0(f"data: drew {len(dataset)} of {len(records)} questions (data.num_questions), tokenised only "
+               f"those, written to questions.jsonl; {dataset.report}")
+    else:
+        dataset = data.GroupDataset(records, tokenizer, **kw)
+        print0(f"data: {len(dataset)} questions x {dcfg.group_size} responses; {dataset.report}")
     if len(dataset) == 0:
-        most = max((len(r["responses"]) for r in records), default=0)
-        raise data.DataError(f"{cfg.data.train_path}: no question kept data.group_size={cfg.data.group_size} "
+        raise data.DataError(f"{path}: no question kept data.group_size={dcfg.group_size} "
                              f"responses ({len(records)} questions; the most responses any has: {most})")
     Q = cfg.train.questions_per_step
     need(Q % d.world_size == 0, f"train.questions_per_step={Q} must be divisible by world size {d.world_size}")

@@ -206,3 +206,53 @@ def test_sampler_weighted():
         GroupSampler(3, 2, rank=0, world_size=1, seed=0, weights=[0, 0, 0])
     with pytest.raises(ValueError):
         GroupSampler(3, 3, rank=0, world_size=2, seed=0)
+
+
+# --------------------------------------------------------------------------- draw before tokenising (issue 27)
+
+def todays_draw(path, tokenizer, k, seed, **kw):
+    """The code path before issue 27: tokenise every question, then draw among the kept ones."""
+    from data import sampling_weights as sw
+    ds = GroupDataset(read_records(path), tokenizer, **kw)
+    weights = sw(ds.records, agreement_weights={0.0: 1.0, 0.75: 3.0}, difficulty_weights=None)
+    ds.keep(draw_questions(len(ds), k, seed=seed, weights=weights))
+    return ds
+
+
+def new_draw(path, tokenizer, k, seed, **kw):
+    from data import draw_order, tokenise_drawn
+    index = read_records(path, index_only=True)
+    assert all("responses" not in r and "question" not in r for r in index)
+    weights = sampling_weights(index, agreement_weights={0.0: 1.0, 0.75: 3.0}, difficulty_weights=None)
+    order = draw_order(len(index), k, seed=seed, weights=weights)
+    return tokenise_drawn(path, index, order, k, tokenizer, **kw), order, weights
+
+
+def test_draw_before_tokenising_equals_todays_subset(tokenizer, tmp_path):
+    rows = [record(i, [f"<think>{'x ' * (i % 5)}</think> {2 * i}"] * 3, [1.0, 0.0, 1.0], agreement=(i % 4) / 4)
+            for i in range(60)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    kw = dict(group_size=3, max_len=256)
+    for seed in (0, 1, 7):
+        old = todays_draw(path, tokenizer, 20, seed, **kw)
+        (new, chosen), _, _ = new_draw(path, tokenizer, 20, seed, **kw)
+        assert [it[0]["id"] for it in new.items] == [it[0]["id"] for it in old.items]
+        for a, b in zip(new.items, old.items):
+            assert a[1] == b[1] and a[3] == b[3] and all(np.array_equal(x, y) for x, y in zip(a[2], b[2]))
+        assert new.report["drawn_replaced"] == 0 and new.report["questions_in"] == 20  # only the drawn read
+
+
+def test_unusable_drawn_questions_are_replaced_by_the_next_in_order(tokenizer, tmp_path):
+    long = "<think>" + "y " * 400 + "</think> 1"
+    rows = [record(i, ["<think>a</think> 1", long if i % 3 == 0 else "<think>b</think> 2"], [1.0, 0.0],
+                   agreement=0.5 + (i % 2) / 2) for i in range(40)]
+    rows[5] = record(5, ["<think>a</think> 1"], [1.0])  # one response only: passed over unread
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    kw = dict(group_size=2, max_len=64, overlong="drop")
+    (new, chosen), order, _ = new_draw(path, tokenizer, 10, 3, **kw)
+    # independent reference: tokenise everything, the usable ones; the first 10 usable of the draw's order
+    usable = {it[0]["id"] for it in GroupDataset(read_records(path), tokenizer, **kw).items}
+    first = [i for i in order if f"q{i}" in usable][:10]
+    assert chosen == sorted(first) and [it[0]["id"] for it in new.items] == [f"q{i}" for i in sorted(first)]
+    assert new.report["drawn_replaced"] == order.index(first[-1]) + 1 - 10 > 0
+    assert len(new) == 10
