@@ -334,3 +334,36 @@ def test_prepare_scripts_unwritable_out_and_bad_numbers(tmp_path, a_file):
             f"--out {tmp_path / 'nodir' / 'ot3.jsonl'}: cannot be written", "does not exist")
     refused(tmp_path, "prepare_openthoughts.py", ["launch/prepare_openthoughts.py", "--out", tmp_path / "ot3.jsonl",
                                                   "--limit", "0"], "--limit 0: must be >= 1")
+
+
+# --------------------------------------------------------------------------- data.py, train.py's data checks (issue 28)
+
+def test_data_py_is_no_command_and_names_curate(tmp_path):
+    """The earlier README's `python data.py curate ...` must not succeed silently (issue 28.1)."""
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"id": "a"}\n')
+    line = refused(tmp_path, "data.py", ["data.py", "curate", "--input", raw, "--output", tmp_path / "c.jsonl"],
+                   "python curate.py")
+    assert f"--input {raw} --output {tmp_path / 'c.jsonl'}" in line
+
+
+def test_group_size_above_the_data_is_named_before_the_question_draw(tmp_path):
+    """group_size 16 on 8-response questions with a question draw: the cause (the largest group size the data
+    has), not the draw's consequence (issue 28.4). A real train.py process; it writes only its config.yaml."""
+    import yaml
+    from tests.test_train import TINY_MODEL
+    synthetic.build_tokenizer(tmp_path / "tok")
+    rec = {"question": "1+1?", "responses": ["<think>a</think> 2"] * 8, "rewards": [1.0] * 8, "gold": "2",
+           "agreement": 1.0, "all_positive": True, "difficulty": None, "source": None}
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({**rec, "id": f"q{i}"}) + "\n" for i in range(20)))
+    cfg = {"model": {"init_config": TINY_MODEL, "tokenizer": str(tmp_path / "tok")},
+           "data": {"train_path": str(tmp_path / "c.jsonl"), "group_size": 8, "max_len": 128, "num_questions": 12},
+           "train": {"questions_per_step": 2, "max_steps": 1}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "train.py", str(tmp_path / "c.yaml"), "data.group_size=16"], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"data error: {tmp_path / 'c.jsonl'}: data.group_size=16 but the most responses any question has is 8 "
+        "(20 questions)"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
