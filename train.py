@@ -361,6 +361,10 @@ def build_data(cfg: Config, d, tokenizer):
         raise data.DataError(f"{path}: data.group_size={dcfg.group_size} but the most responses any question "
                              f"has is {most} ({len(records)} questions)")
     kw = dict(group_size=dcfg.group_size, max_len=dcfg.max_len, overlong=dcfg.overlong)
+    few = 0
+    if dcfg.num_questions:  # too few responses: never usable, out before the draw as the tokenise-all rule had it
+        few = sum(r["num_responses"] < dcfg.group_size for r in records)
+        records = [r for r in records if r["num_responses"] >= dcfg.group_size]
     pass_rates = data.read_pass_rates(dcfg.pass_rates) if dcfg.pass_rates else None
     weights = None
     if dcfg.agreement_weights or dcfg.difficulty_weights or pass_rates:
@@ -372,8 +376,9 @@ def build_data(cfg: Config, d, tokenizer):
         if d.rank == 0:
             data.write_questions(os.path.join(cfg.output_dir, "questions.jsonl"), records, chosen, weights)
         weights = None
-        print0(f"data: drew {len(dataset)} of {len(records)} questions (data.num_questions), tokenised only "
-               f"those, written to questions.jsonl; {dataset.report}")
+        print0(f"data: drew {len(dataset)} of {len(records)} questions with >= {dcfg.group_size} responses "
+               f"({few} with fewer left out; data.num_questions), tokenised only those, written to "
+               f"questions.jsonl; {dataset.report}")
     else:
         dataset = data.GroupDataset(records, tokenizer, **kw)
         print0(f"data: {len(dataset)} questions x {dcfg.group_size} responses; {dataset.report}")

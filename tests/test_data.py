@@ -256,3 +256,44 @@ def test_unusable_drawn_questions_are_replaced_by_the_next_in_order(tokenizer, t
     assert chosen == sorted(first) and [it[0]["id"] for it in new.items] == [f"q{i}" for i in sorted(first)]
     assert new.report["drawn_replaced"] == order.index(first[-1]) + 1 - 10 > 0
     assert len(new) == 10
+
+
+@pytest.fixture(scope="module")
+def tiny_lab(tmp_path_factory):
+    """The tiny lab's curated file and tokenizer, made as launch/demo.sh makes them."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("tinylab")
+    for cmd in (["synthetic.py", "--out", out], ["curate.py", "--input", out / "teacher_raw.jsonl", "--output",
+                                                  out / "teacher.jsonl"]):
+        subprocess.run([sys.executable, *map(str, cmd)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("config", ["bias05", "offgrpo", "sft", "onpolicy", "krafton_code"])
+def test_tiny_lab_subset_unchanged_on_1_and_2_ranks(tiny_lab, tmp_path, config):
+    """build_data's subset and token groups (draw first, tokenise the drawn) equal the tokenise-all-then-draw
+    path of before, for the tiny lab's configs and world sizes 1 and 2: the lab's table does not move."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    import train
+    cfg = train.load_config(f"configs/tiny/{config}.yaml", [f"data.train_path={tiny_lab / 'teacher.jsonl'}",
+                                                          f"output_dir={tmp_path}"], check_paths=False)
+    if not cfg.data.num_questions:
+        pytest.skip(f"{config} draws no subset")
+    tok = AutoTokenizer.from_pretrained(tiny_lab / "tokenizer")
+    kw = dict(group_size=cfg.data.group_size, max_len=cfg.data.max_len, overlong=cfg.data.overlong)
+    old = GroupDataset(read_records(cfg.data.train_path), tok, **kw)
+    weights = None
+    if cfg.data.agreement_weights or cfg.data.difficulty_weights:
+        weights = sampling_weights(old.records, agreement_weights=cfg.data.agreement_weights,
+                                   difficulty_weights=cfg.data.difficulty_weights)
+    old.keep(draw_questions(len(old), cfg.data.num_questions, seed=cfg.train.seed, weights=weights))
+    for world in (1, 2):
+        new, _, _ = train.build_data(cfg, SimpleNamespace(rank=0, world_size=world), tok)
+        assert [it[0]["id"] for it in new.items] == [it[0]["id"] for it in old.items]
+        assert all(a[1] == b[1] and a[3] == b[3] and all(np.array_equal(x, y) for x, y in zip(a[2], b[2]))
+                   for a, b in zip(new.items, old.items))
+        assert new.report["questions_in"] == cfg.data.num_questions < len(read_records(cfg.data.train_path))
