@@ -164,7 +164,7 @@ def test_runtime_input_errors_are_one_line_from_rank_0(lab, tmp_path):
     error:` line from rank 0 only, exit 2 from every rank (torchrun adds its own failure summary), no traceback
     from train.py, nothing written but the resolved config.yaml."""
     cfg = grpo_config(lab, "x")
-    cases = [(["data.group_size=64"], "data error: ", "no question kept data.group_size=64 responses"),
+    cases = [(["data.group_size=64"], "data error: ", "data.group_size=64 but the most responses any question has is 8"),
              (["train.questions_per_step=3"], "config error: ", "train.questions_per_step=3 must be divisible by "
                                                                 "world size 2")]
     for i, (extra, kind, message) in enumerate(cases):
