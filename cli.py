@@ -10,6 +10,7 @@ This module imports nothing from the project (every entry point can import it wi
 import argparse
 import os
 import sys
+import tempfile
 
 
 def fail(command: str, message) -> None:
@@ -32,9 +33,14 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(self.command, f"{message} (-h for usage)")
 
 
-def unwritable(path, *, directory: bool = False) -> str | None:
+def unwritable(path, *, directory: bool = False, parents: bool = False) -> str | None:
     """Why `path` cannot be written, or None. directory=False: a file opened for writing (its directory must
-    exist); directory=True: a directory made with its missing parents (os.makedirs) or written into."""
+    exist, or with parents=True is made with its missing parents); directory=True: a directory made with its
+    missing parents (os.makedirs) or written into.
+
+    Permission bits do not tell everything (root passes os.access on /proc, a read-only mount, a full disk), so
+    the last check is a probe: the directory chain is made and a file created in it, then both are removed;
+    nothing is left behind whatever the answer."""
     p = os.path.abspath(path)
     if os.path.exists(p):
         if directory and not os.path.isdir(p):
@@ -43,14 +49,43 @@ def unwritable(path, *, directory: bool = False) -> str | None:
             return f"{path} is a directory"
         if not os.access(p, os.W_OK | (os.X_OK if directory else 0)):
             return f"{path} is not writable"
-        return None
+        return _probe(p if directory else os.path.dirname(p), p if not directory else None)
     parent = os.path.dirname(p)
     while not os.path.exists(parent):  # the nearest existing ancestor
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{parent} is not a directory"
-    if not directory and parent != os.path.dirname(p):  # files: their directory is not made for them
+    if not directory and not parents and parent != os.path.dirname(p):  # its directory is not made for it
         return f"directory {os.path.dirname(p)} does not exist"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"directory {parent} is not writable"
+    return _probe(p if directory else os.path.dirname(p), None)
+
+
+def _probe(directory: str, existing_file: str | None) -> str | None:
+    """Make `directory` (with its missing parents) and create a file in it, or open `existing_file` for appending
+    (nothing is written to it); undo what was made. The OSError's reason, or None."""
+    made = []
+    d = directory
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    try:
+        for m in reversed(made):
+            os.mkdir(m)
+        if existing_file is not None:
+            open(existing_file, "ab").close()
+        else:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".probe-")
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        where = e.filename if e.filename in (*made, existing_file) else directory  # not the probe's own name
+        return f"{where}: {e.strerror or e}"
+    finally:
+        for m in made:  # deepest first
+            try:
+                os.rmdir(m)
+            except OSError:
+                pass
     return None

@@ -10,12 +10,13 @@ markers. By default the panels are DEFAULT_METRICS that at least one run logged.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 import sys
 from pathlib import Path
+
+import cli
 
 DEFAULT_METRICS = ("loss", "grad_norm", "policy/kl_mean", "policy/entropy", "data/reward_mean", "val/avg@n")
 SEED = re.compile(r"seed[-_]?\d+")
@@ -105,7 +106,7 @@ def plot(runs: dict[Path, list[dict]], metrics: list[str]):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="eval.plot", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="eval.plot", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (train.py output_dir) holding metrics.jsonl")
     ap.add_argument("--out", required=True, help="the PNG to write")
     ap.add_argument("--metrics", help=f"comma-separated metrics keys (default: those of {', '.join(DEFAULT_METRICS)} "
@@ -114,13 +115,14 @@ def main(argv=None) -> None:
     try:
         if not a.out.endswith(".png"):
             raise PlotError(f"--out {a.out}: must name a .png file")
-        if not Path(a.out).resolve().parent.is_dir():
-            raise PlotError(f"--out {a.out}: directory {Path(a.out).parent} does not exist")
         runs = {}
         for r in map(Path, a.runs):
             if not r.is_dir():
                 raise PlotError(f"{r}: no such run directory")
             runs[r] = read_run(r)
+        why = cli.unwritable(a.out, parents=True)  # after the inputs: the error a user needs first
+        if why:
+            raise PlotError(f"--out {a.out}: cannot be written: {why}")
         logged = {k for rows in runs.values() for row in rows for k, v in row.items() if isinstance(v, (int, float))}
         if a.metrics:
             metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
@@ -133,9 +135,9 @@ def main(argv=None) -> None:
             if not metrics:
                 raise PlotError(f"none of {', '.join(DEFAULT_METRICS)} in the runs' metrics.jsonl")
     except PlotError as e:
-        print(f"eval.plot: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("eval.plot", e)
     fig = plot(runs, metrics)
+    Path(a.out).resolve().parent.mkdir(parents=True, exist_ok=True)  # every check passed: make --out's directory
     tmp = a.out + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     Path(tmp).replace(a.out)

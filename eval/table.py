@@ -13,7 +13,7 @@ A PNG bar chart (results.png next to --out) is drawn when matplotlib is installe
 Bad input (cli.py's convention: one line `eval.table: error: ...`, exit status 2, nothing written): a path that
 does not exist, no summary.json found, a summary that is not UTF-8 JSON (file:line) or not an object, one
 without --metric or whose --metric is not a number (the message lists the numeric keys it has), an --out or
---json that cannot be written.
+--json that cannot be written (checked after the inputs; their missing directories are made once all checks pass).
 """
 
 from __future__ import annotations
@@ -154,16 +154,19 @@ def main(argv=None) -> str:
     ap.add_argument("--json", help="also write the table's numbers as JSON")
     ap.add_argument("--metric", default="avg@n", help="summary key to tabulate: avg@n, maj@n, pass@1, ...")
     a = ap.parse_args(argv)
-    for flag, path in (("--out", a.out), ("--json", a.json)):
-        why = path and cli.unwritable(path)
-        if why:
-            cli.fail("eval.table", f"{flag} {path}: cannot be written: {why}")
-    try:
+    try:  # the inputs first: a missing run is the error a user needs before an output directory
         cells = collect(a.paths, a.metric)
     except TableError as e:
         cli.fail("eval.table", e)
+    for flag, path in (("--out", a.out), ("--json", a.json)):
+        why = path and cli.unwritable(path, parents=True)
+        if why:
+            cli.fail("eval.table", f"{flag} {path}: cannot be written: {why}")
     table, stats = make_table(cells, a.metric)
     out = Path(a.out)
+    for path in (a.out, a.json):  # every check passed: make the outputs' directories
+        if path:
+            Path(path).resolve().parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     print(table, end="")
     if a.json:

@@ -219,9 +219,47 @@ def test_eval_table_missing_paths_and_unwritable_outputs(tmp_path, a_file):
     refused(tmp_path, "eval.table", ["-m", "eval.table", tmp_path / "runs", "--out", a_file / "r.md"],
             f"--out {a_file / 'r.md'}: cannot be written", f"{a_file} is not a directory")
     refused(tmp_path, "eval.table", ["-m", "eval.table", tmp_path / "runs", "--out", md, "--json",
-                                     tmp_path / "nodir" / "r.json"],
-            f"--json {tmp_path / 'nodir' / 'r.json'}: cannot be written", "does not exist")
+                                     a_file / "r.json"],
+            f"--json {a_file / 'r.json'}: cannot be written", f"{a_file} is not a directory")
     refused(tmp_path, "eval.table", ["-m", "eval.table", "--out", md], "the following arguments are required: paths")
+
+
+def test_eval_table_names_a_missing_input_before_its_out_and_makes_out_after(tmp_path):
+    """Issue 28.3: neither the input nor --out's directory exists: the input is named (the error a user needs
+    first) and no directory is made; with the input there, --out's and --json's directories are made."""
+    line = refused(tmp_path, "eval.table", ["-m", "eval.table", tmp_path / "runs" / "nothing", "--out",
+                                            tmp_path / "results" / "r.md"], f"{tmp_path / 'runs' / 'nothing'}")
+    assert "results" not in line
+    summary(tmp_path / "runs" / "base" / "aime24" / "summary.json", b'{"avg@n": 50.0, "n": 4}')
+    out, js = tmp_path / "results" / "a" / "r.md", tmp_path / "numbers" / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "eval.table", tmp_path / "runs", "--out", out, "--json", js],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "50.0" in out.read_text() and json.loads(js.read_text())
+
+
+# An --out that cannot be made although permission bits allow it (as root they always do): the probe finds it.
+UNMAKEABLE = Path("/proc/offgrpo-forbidden")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_out_that_cannot_be_made_is_one_line_at_every_cli(tmp_path, raw):
+    """Issue 28.2: every CLI's --out / --output / --json under /proc (creation fails with ENOENT, even for root)."""
+    bad = UNMAKEABLE / "x"
+    summary(tmp_path / "runs" / "base" / "aime24" / "summary.json", b'{"avg@n": 1.0}')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for command, args, flag in [
+            ("synthetic.py", ["synthetic.py", "--out", bad], "--out"),
+            ("curate.py", ["curate.py", "--input", raw, "--output", bad / "c.jsonl"], "--output"),
+            ("eval.table", ["-m", "eval.table", tmp_path / "runs", "--out", bad / "r.md"], "--out"),
+            ("eval.plot", ["-m", "eval.plot", tmp_path / "run", "--out", bad / "c.png"], "--out"),
+            ("prepare_benchmarks.py", ["launch/prepare_benchmarks.py", "--out", bad], "--out"),
+            ("memory.py", ["benchmarks/memory.py", "configs/bias05.yaml", "--world", "8", "--gpu-memory", "80",
+                           "--json", UNMAKEABLE / "m.json"], "--json")]:
+        line = refused(tmp_path, command, args, flag, "cannot be written", UNMAKEABLE)
+        assert "Traceback" not in line
+    assert not UNMAKEABLE.exists()
 
 
 # --------------------------------------------------------------------------- curate.py

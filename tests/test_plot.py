@@ -67,7 +67,7 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path):
              ((bad, "--out", tmp_path / "a.png"), "metrics.jsonl:2: malformed JSON"),
              ((run, "--out", tmp_path / "a.png", "--metrics", "loss,val/avg@m"), "val/avg@m not in any run"),
              ((run, "--out", tmp_path / "a.pdf"), "must name a .png file"),
-             ((run, "--out", tmp_path / "no" / "a.png"), "does not exist")]
+             ((tmp_path / "nope", "--out", tmp_path / "no" / "a.png"), "nope: no such run directory")]
     for args, message in cases:
         proc = run_plot(*args)
         lines = proc.stderr.strip().splitlines()
@@ -75,3 +75,12 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path):
         assert lines[0].startswith("eval.plot: error: ") and message in lines[0], lines[0]
         assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.pdf"))
+    assert not (tmp_path / "no").exists()  # a refused run makes no --out directory
+
+
+def test_out_directory_is_made_after_the_checks(runs, tmp_path):
+    """Like eval.math, eval.plot makes the directory of --out (issue 28.3), once every input passed."""
+    out = tmp_path / "results" / "curves" / "a.png"
+    proc = run_plot(*runs, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
