@@ -46,6 +46,7 @@ import model_utils as mu
 import packing
 import reference
 import sampling
+import token_cache
 import yaml_config
 from dist_utils import print0
 from eval.inputs import load_records
@@ -352,11 +353,12 @@ def compute_dtype(cfg: Config, device_type: str):
 
 def build_data(cfg: Config, d, tokenizer):
     """Curated records -> tokenised groups -> a deterministic, resumable, rank-sharded sampler.
-    With data.num_questions the draw comes first, from an index pass (no texts kept), and only the drawn
-    questions are read and tokenised (data.tokenise_drawn). Returns (dataset, sampler, total optimizer steps)."""
+    An index pass (no texts kept) feeds the draw (data.num_questions) and the weights; only the drawn questions
+    are read and tokenised (data.tokenise_drawn), once per output_dir: rank 0 writes the token copy that every
+    rank memory-maps and every restart reuses (token_cache). Returns (dataset, sampler, total optimizer steps)."""
     dcfg, path = cfg.data, cfg.data.train_path
-    records = data.read_records(path, index_only=bool(dcfg.num_questions))
-    most = max(r["num_responses"] if "num_responses" in r else len(r["responses"]) for r in records)
+    records = data.read_records(path, index_only=True)
+    most = max(r["num_responses"] for r in records)
     if dcfg.group_size > most:  # before the draw: the cause, not its consequence on the weights
         raise data.DataError(f"{path}: data.group_size={dcfg.group_size} but the most responses any question "
                              f"has is {most} ({len(records)} questions)")
@@ -370,18 +372,29 @@ def build_data(cfg: Config, d, tokenizer):
     if dcfg.agreement_weights or dcfg.difficulty_weights or pass_rates:
         weights = data.sampling_weights(records, agreement_weights=dcfg.agreement_weights,
                                         difficulty_weights=dcfg.difficulty_weights, pass_rates=pass_rates)
-    if dcfg.num_questions:  # the blog's protocol: K questions drawn by the weights, then plain epochs over them
-        order = data.draw_order(len(records), dcfg.num_questions, seed=cfg.train.seed, weights=weights)
-        dataset, chosen = data.tokenise_drawn(path, records, order, dcfg.num_questions, tokenizer, **kw)
+    k = dcfg.num_questions
+    order = (data.draw_order(len(records), k, seed=cfg.train.seed, weights=weights) if k
+             else list(range(len(records))))
+
+    def build():  # (rank 0, when no matching token copy exists)
+        if not k:
+            lines = [r["_line"] for r in records]
+            return data.GroupDataset(data.read_lines(path, lines), tokenizer, **kw), None, lines
+        dataset, chosen = data.tokenise_drawn(path, records, order, k, tokenizer, **kw)
+        return dataset, chosen, sorted(records[i]["_line"] for i in order[:k + dataset.report["drawn_replaced"]])
+    resuming = cfg.train.resume == "auto" and checkpoint.latest_state(os.path.join(cfg.output_dir, "ckpt"))
+    dataset, chosen, how = token_cache.load_or_build(
+        cfg.output_dir, build, token_cache.fingerprint(path, records, order, tokenizer, **kw), path, tokenizer, kw,
+        rank=d.rank, resuming=bool(resuming), barrier=dist.barrier if dist.is_initialized() else lambda: None)
+    print0(f"data: token copy {how} ({os.path.join(cfg.output_dir, token_cache.DIR)}); {dataset.report}")
+    if k:  # the blog's protocol: K questions drawn by the weights, then plain epochs over them
         if d.rank == 0:
             data.write_questions(os.path.join(cfg.output_dir, "questions.jsonl"), records, chosen, weights)
         weights = None
         print0(f"data: drew {len(dataset)} of {len(records)} questions with >= {dcfg.group_size} responses "
-               f"({few} with fewer left out; data.num_questions), tokenised only those, written to "
-               f"questions.jsonl; {dataset.report}")
+               f"({few} with fewer left out; data.num_questions), written to questions.jsonl")
     else:
-        dataset = data.GroupDataset(records, tokenizer, **kw)
-        print0(f"data: {len(dataset)} questions x {dcfg.group_size} responses; {dataset.report}")
+        print0(f"data: {len(dataset)} questions x {dcfg.group_size} responses")
     if len(dataset) == 0:
         raise data.DataError(f"{path}: no question kept data.group_size={dcfg.group_size} "
                              f"responses ({len(records)} questions; the most responses any has: {most})")

@@ -229,6 +229,16 @@ def phase_hf_export(model, optimizer, tracker_cls):
     return out
 
 
+def host_data(cfg) -> dict:
+    """Host memory of the training data (token_cache.py): one int32 copy of the drawn questions' ids per node,
+    memory-mapped by its ranks (page cache; each rank touches the pages of its own batches). Upper bound: every
+    response at data.max_len tokens. Without data.num_questions it is the kept corpus' token count x 4 bytes,
+    unknown before curation (None)."""
+    k = cfg.data.num_questions
+    return {"token_copy_gib_per_node_max": k * cfg.data.group_size * cfg.data.max_len * 4 / GIB if k else None,
+            "texts_held": False}
+
+
 def rehearse(cfg, world: int, gpu_memory: float = 80.0) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -321,10 +331,15 @@ def main(argv=None):
             print(f"{name}: {r['rows_per_call']} sequences per generate call; KV cache {r['kv_cache_gib']:.1f} GiB "
                   f"and logits {r['logits_gib']:.2f} GiB computed from the shapes")
     print(f"hf_export: rank 0 holds the full fp32 state dict in host memory: {phases['hf_export']['host_gib']:.1f} GiB")
+    host = host_data(cfg)
+    print("data (host): " + (f"the token copy of the {cfg.data.num_questions} drawn questions, at most "
+                             f"{host['token_copy_gib_per_node_max']:.1f} GiB per node" if cfg.data.num_questions else
+                             "the token copy of every kept question (4 bytes per token)")
+          + ", memory-mapped (one page-cache copy shared by the node's ranks); no texts held")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": a.config, "world": a.world, "gpu_memory_gib": a.gpu_memory, "reserve_gib": a.reserve,
-                       "fits": fits, "phases": phases}, f, indent=2)
+                       "fits": fits, "phases": phases, "host_data": host}, f, indent=2)
     sys.exit(0 if fits else 1)
 
 

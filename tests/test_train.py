@@ -71,6 +71,8 @@ def run_train(out, cfg, *, nproc, extra=(), check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "train.py", path, *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    with open(out + ".log", "w") as f:  # (the last run's stdout, for tests that read the log)
+        f.write(proc.stdout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return __import__("pathlib").Path(out)
@@ -270,6 +272,7 @@ def test_resume_gives_the_losses_of_the_uninterrupted_run(lab):
     run_train(part, cfg, nproc=2, extra=["train.resume=auto"])
     assert [m["step"] for m in metrics(part)] == [1, 2, 3, 4, 5]
     assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]  # exact
+    assert "data: token copy reused" in open(f"{part}.log").read()  # the restart did not tokenise again
     assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
 
 
@@ -347,8 +350,8 @@ dist_utils.teardown_distributed()
 
 
 def test_cached_reference_on_changed_data_is_refused_on_resume_and_recomputed_before_the_first_step(lab, tmp_path):
-    """The ref_logprobs/ cache carries a fingerprint of its inputs. Resumed (the policy has moved) on changed
-    data: one line naming what changed, non-zero exit. Before the first update (no checkpoint): a fresh cache, the
+    """The token copy and the ref_logprobs/ cache carry fingerprints of their inputs. Resumed (the policy has
+    moved) on changed data: one line naming what changed, non-zero exit. Before the first update (no checkpoint): a fresh cache, the
     same losses as a run that never had the stale one."""
     import shutil
     data_path = tmp_path / "teacher.jsonl"
@@ -365,14 +368,17 @@ def test_cached_reference_on_changed_data_is_refused_on_resume_and_recomputed_be
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "]: Traceback" not in proc.stderr, proc.stderr[-3000:]  # (the ranks print one
     # line each; torchrun's own failure summary has a traceback of its own)
-    line = next(x for x in proc.stderr.splitlines() if "cached reference log-probs" in x)
-    assert line.startswith("error: resuming at step 1, but the cached reference log-probs")
-    assert line.endswith("made from other inputs (data_sha256, questions_sha256 changed); the policy has moved, so "
-                         "they cannot be recomputed: start a fresh output_dir")  # only what changed is named
+    # the token copy (token_cache) is checked first: the data the run trained on changed
+    line = next(x for x in proc.stderr.splitlines() if "token copy" in x)
+    assert line.startswith("data error: ") and line.endswith(
+        "the token copy this run trained on was made from other inputs (data_size, index_sha256, order_sha256 "
+        "changed); it cannot be remade once the policy moved: restore the data and tokenizer, or start a fresh "
+        "output_dir")  # only what changed is named
     shutil.rmtree(out / "ckpt")
     (out / "metrics.jsonl").unlink()
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data: token copy rebuilt (data_size, index_sha256, order_sha256 changed)" in proc.stdout
     assert "was made from other inputs; recomputing" in proc.stdout
     fresh = run_train(tmp_path / "fresh", cfg, nproc=2)
     assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(fresh)], rel=1e-6)
