@@ -327,7 +327,7 @@ def _problems(rng, ks, n, modulus, seen: set, weights=None, unique=True) -> list
 
 
 def write_data(out: Path, *, seed: int, modulus: int, mid_k, mid_weights, n_mid: int, teacher_k, n_teacher: int,
-               samples: int, eval_id_k, eval_ood_k, n_eval: int) -> dict:
+               samples: int, eval_id_k, eval_ood_k, n_eval: int, eval_mid_k=(2,)) -> dict:
     rng = random.Random(seed)
     seen: set = set()
     # eval, then teacher questions (unique), then mid-training ones: no training question is an eval
@@ -337,6 +337,10 @@ def write_data(out: Path, *, seed: int, modulus: int, mid_k, mid_weights, n_mid:
              for name, ks in (("eval_id", eval_id_k), ("eval_ood", eval_ood_k))}
     teacher = _problems(rng, teacher_k, n_teacher, modulus, seen)
     mid = _problems(rng, mid_k, n_mid, modulus, seen, mid_weights, unique=False)
+    # retention (eval_mid): what mid-training taught, on problems no training set holds. Drawn last, from an rng
+    # of its own, so every other file is what it was before eval_mid existed.
+    held = seen | {p.question for p in mid}
+    evals["eval_mid"] = _problems(random.Random(f"{seed}-eval_mid"), eval_mid_k, n_eval, modulus, held)
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out / "tokenizer")
     for name, probs in evals.items():
@@ -390,6 +394,7 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=16, help="teacher samples per question")
     ap.add_argument("--eval-id-k", default="3", help="in-distribution eval k (the teacher's)")
     ap.add_argument("--eval-ood-k", default="4", help="out-of-distribution (harder) eval k")
+    ap.add_argument("--eval-mid-k", default="2", help="retention eval k (what mid-training taught)")
     ap.add_argument("--n-eval", type=int, default=200)
     a = ap.parse_args(argv)
 
@@ -397,7 +402,7 @@ def main(argv=None) -> None:
         cli.fail("synthetic.py", message)
 
     ks = {}
-    for flag in ("--mid-k", "--teacher-k", "--eval-id-k", "--eval-ood-k"):
+    for flag in ("--mid-k", "--teacher-k", "--eval-id-k", "--eval-ood-k", "--eval-mid-k"):
         value = getattr(a, flag[2:].replace("-", "_"))
         try:
             ks[flag] = _ks(value)
@@ -424,7 +429,8 @@ def main(argv=None) -> None:
     try:
         stats = write_data(Path(a.out), seed=a.seed, modulus=a.modulus, mid_k=ks["--mid-k"], mid_weights=weights,
                            n_mid=a.n_mid, teacher_k=ks["--teacher-k"], n_teacher=a.n_teacher, samples=a.samples,
-                           eval_id_k=ks["--eval-id-k"], eval_ood_k=ks["--eval-ood-k"], n_eval=a.n_eval)
+                           eval_id_k=ks["--eval-id-k"], eval_ood_k=ks["--eval-ood-k"], n_eval=a.n_eval,
+                           eval_mid_k=ks["--eval-mid-k"])
     except DrawError as e:
         bad(e)
     print(json.dumps({"out": a.out, **stats}))

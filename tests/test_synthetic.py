@@ -147,7 +147,7 @@ def test_cli_deterministic_and_schemas(small_data):
     a, b = small_data
     assert _tree_digest(a) == _tree_digest(b)
     assert {f.name for f in a.iterdir()} >= {"tokenizer", "mid.jsonl", "teacher_raw.jsonl",
-                                              "eval_id.jsonl", "eval_ood.jsonl"}
+                                              "eval_id.jsonl", "eval_ood.jsonl", "eval_mid.jsonl"}
     mid = [json.loads(line) for line in open(a / "mid.jsonl")]
     assert len(mid) == 60
     assert sorted(r["difficulty"] for r in mid) == [1] * 30 + [2] * 20 + [3] * 10  # exact --mid-weights shares
@@ -165,7 +165,7 @@ def test_cli_deterministic_and_schemas(small_data):
         assert h["from"] == "human" and g["from"] == "gpt" and r["domain"] == "math"
         assert h["value"] == syn.Problem.from_dict(r["dag"]).question and "\\boxed{" in g["value"]
     assert len({r["conversations"][0]["value"] for r in rows}) == 10
-    for name in ("eval_id", "eval_ood"):
+    for name in ("eval_id", "eval_ood", "eval_mid"):
         recs = [json.loads(line) for line in open(a / f"{name}.jsonl")]
         assert len(recs) == 20
         for r in recs:
@@ -176,6 +176,22 @@ def test_cli_deterministic_and_schemas(small_data):
     mid_q, teacher_q = {r["question"] for r in mid}, {r["conversations"][0]["value"] for r in rows}
     eval_q = {json.loads(line)["problem"] for n in ("eval_id", "eval_ood") for line in open(a / f"{n}.jsonl")}
     assert not (mid_q | teacher_q) & eval_q and not mid_q & teacher_q
+    # the retention set (eval_mid): k = 2, held out from every training set and from the other evals
+    ret = [json.loads(line) for line in open(a / "eval_mid.jsonl")]
+    assert {r["k"] for r in ret} == {2} and len({r["problem"] for r in ret}) == 20
+    assert not {r["problem"] for r in ret} & (mid_q | teacher_q | eval_q)
+
+
+def test_eval_mid_leaves_every_other_file_as_it_was(small_data, tmp_path):
+    """eval_mid is drawn last from an rng of its own: with it asked for k = 3 instead, every other file is the same
+    (the lab's data, and so its table, did not move when the retention set was added)."""
+    a, _ = small_data
+    args = [sys.executable, str(REPO / "synthetic.py"), "--out", str(tmp_path), "--n-mid", "60", "--mid-k", "1-3",
+            "--mid-weights", "3,2,1", "--n-teacher", "10", "--n-eval", "20", "--eval-mid-k", "3"]
+    subprocess.run(args, check=True, capture_output=True, cwd=tmp_path)
+    for name in ("mid.jsonl", "teacher_raw.jsonl", "eval_id.jsonl", "eval_ood.jsonl"):
+        assert (tmp_path / name).read_bytes() == (a / name).read_bytes(), name
+    assert (tmp_path / "eval_mid.jsonl").read_bytes() != (a / "eval_mid.jsonl").read_bytes()
 
 
 def test_tokenizer(small_data):
