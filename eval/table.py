@@ -4,14 +4,18 @@
     python -m eval.table runs/base/aime24/summary.json runs/bias05/aime24/summary.json ... --out results.md
 
 Arguments are summary.json files or directories (searched recursively for summary.json). Names come
-from the path:  <variant>/<benchmark>/summary.json,  or  <variant>/<benchmark>/seed<S>/summary.json
-for several seeds of one (variant, benchmark). With several summaries per cell the cell shows
-mean ± std (sample standard deviation over seeds) and the JSON keeps every value.
+from the path:  <row>/<benchmark>/summary.json,  or  <row>/<benchmark>/seed<S>/summary.json
+for several seeds of one (row, benchmark); a directory named `eval` between them is skipped, so the
+README's layout runs/<model>/eval/<benchmark>/ gives one row per model (and the tiny lab's
+runs/tiny/eval/<variant>/<benchmark>/seed<S>/ one per variant). With several summaries per cell the cell
+shows mean ± std (sample standard deviation over seeds) and the JSON keeps every value. Two summaries that
+claim the same (row, benchmark) are refused unless they are distinct seed<S> directories of one cell
+directory (two models would otherwise be averaged, their gap shown as seed spread).
 The "Avg." column is the mean over benchmarks of a row's cell means (only when the row is complete).
 A PNG bar chart (results.png next to --out) is drawn when matplotlib is installed.
 
 Bad input (cli.py's convention: one line `eval.table: error: ...`, exit status 2, nothing written): a path that
-does not exist, no summary.json found, a summary that is not UTF-8 JSON (file:line) or not an object, one
+does not exist, no summary.json found, two summaries claiming one cell (not seed<S> directories of it), a summary that is not UTF-8 JSON (file:line) or not an object, one
 without --metric or whose --metric is not a number (the message lists the numeric keys it has), an --out or
 --json that cannot be written.
 """
@@ -42,20 +46,32 @@ def find_summaries(paths) -> list[Path]:
             found.append(p)
         else:
             raise TableError(f"{p}: no such file or directory (give summary.json files or directories holding them)")
-    return found
+    seen: set[Path] = set()  # a file named twice (as itself and inside a directory) counts once
+    return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+LAYOUT_DIR = "eval"  # runs/<model>/eval/<benchmark>: the row is <model>, not "eval"
 
 
 def names_of(path: Path) -> tuple[str, str]:
-    """(variant, benchmark) of a summary path, skipping a seed<S> directory."""
+    """(row, benchmark) of a summary path, skipping a seed<S> directory and an `eval` directory."""
+    d = _cell_dir(path)
+    row = d.parent
+    if row.name == LAYOUT_DIR and row.parent.name:
+        row = row.parent
+    return row.name, d.name
+
+
+def _cell_dir(path: Path) -> Path:
+    """The (row, benchmark) directory of a summary: its parent, or the parent of its seed<S> directory."""
     d = path.parent
-    if SEED_DIR.fullmatch(d.name):
-        d = d.parent
-    return d.parent.name, d.name
+    return d.parent if SEED_DIR.fullmatch(d.name) else d
 
 
 def collect(paths, metric: str) -> dict[str, dict[str, list[float]]]:
     """{variant: {benchmark: [metric value per seed]}}, in order of first appearance."""
     cells: dict[str, dict[str, list[float]]] = {}
+    claims: dict[tuple[str, str], list[Path]] = {}  # (row, benchmark) -> its summary paths
     for path in find_summaries(paths):
         summary = read_summary(path)
         numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -64,10 +80,23 @@ def collect(paths, metric: str) -> dict[str, dict[str, list[float]]]:
                     f"metric {metric!r} is a {type(summary[metric]).__name__}, not a number")
             raise TableError(f"{path}: {what} (--metric: one of {', '.join(numeric) or 'none'})")
         variant, bench = names_of(path)
+        _claim(claims.setdefault((variant, bench), []), path, variant, bench)
         cells.setdefault(variant, {}).setdefault(bench, []).append(float(summary[metric]))
     if not cells:
         raise TableError(f"no summary.json under {', '.join(map(str, paths))}")
     return cells
+
+
+def _claim(others: list[Path], path: Path, row: str, bench: str) -> None:
+    """Add path to the summaries of cell (row, bench); TableError unless every one of them is a distinct
+    seed<S> directory of the same cell directory."""
+    for other in others:
+        if not (SEED_DIR.fullmatch(path.parent.name) and SEED_DIR.fullmatch(other.parent.name)
+                and _cell_dir(path).resolve() == _cell_dir(other).resolve() and path.parent.name != other.parent.name):
+            raise TableError(f"{other} and {path} both claim row {row!r}, benchmark {bench!r} (only seed<S> "
+                             "directories of one cell are averaged); give the runs distinct directory names "
+                             "(runs/<model>/eval/<benchmark>) or tabulate them separately")
+    others.append(path)
 
 
 def read_summary(path: Path) -> dict:

@@ -278,3 +278,46 @@ def test_table_markdown_and_json(tmp_path, capsys):
         assert "bar chart skipped: matplotlib is not installed" in printed
     table.main([str(tmp_path / "runs" / "base"), "--out", str(md), "--metric", "maj@n"])
     assert "| base | 11.0 | 51.0 | 31.0 |" in md.read_text()
+
+
+def _summary(path: Path, **values):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps(values))
+
+
+def test_table_rows_from_the_readme_layout(tmp_path):
+    """runs/<model>/eval/<benchmark>/: one row per model (not one row "eval" averaging the models); the tiny
+    lab's runs/tiny/eval/<variant>/<benchmark>/seed<S>/ one row per variant."""
+    runs = tmp_path / "runs"
+    _summary(runs / "base" / "eval" / "aime25_i", **{"avg@n": 55.0})
+    _summary(runs / "bias05" / "eval" / "aime25_i", **{"avg@n": 56.6})
+    _summary(runs / "bias05" / "eval" / "amc23", **{"avg@n": 80.0})
+    _summary(runs / "tiny" / "eval" / "sft" / "eval_id" / "seed0", **{"avg@n": 40.0})
+    _summary(runs / "tiny" / "eval" / "sft" / "eval_id" / "seed1", **{"avg@n": 50.0})
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "eval.table", str(runs), str(runs / "base"), "--out", str(md),
+                           "--json", str(js)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(js.read_text())
+    assert list(stats) == ["base", "bias05", "sft"]  # base named twice (runs/ and runs/base) counts once
+    assert stats["base"]["aime25_i"]["values"] == [55.0] and stats["bias05"]["aime25_i"]["values"] == [56.6]
+    assert stats["sft"]["eval_id"]["values"] == [40.0, 50.0]
+    assert "| base | 55.0 | – | – |" in md.read_text()
+    # README's own command: python -m eval.table runs/bias05/eval
+    assert table.collect([runs / "bias05" / "eval"], "avg@n") == {"bias05": {"aime25_i": [56.6], "amc23": [80.0]}}
+
+
+@pytest.mark.parametrize("first, second", [
+    ("a/base/eval/aime", "b/base/eval/aime"),  # two runs directories, same model name
+    ("base/aime", "base/aime/seed0"),  # a cell with and without seeds
+    ("a/base/aime/seed0", "b/base/aime/seed1"),  # seeds of two different cell directories
+])
+def test_table_refuses_two_summaries_claiming_one_cell(tmp_path, first, second):
+    _summary(tmp_path / "runs" / first, **{"avg@n": 1.0})
+    _summary(tmp_path / "runs" / second, **{"avg@n": 2.0})
+    md = tmp_path / "r.md"
+    proc = subprocess.run([sys.executable, "-m", "eval.table", str(tmp_path / "runs"), "--out", str(md)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not md.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eval.table: error: ") and "both claim row 'base'" in lines[0]
