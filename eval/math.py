@@ -16,7 +16,10 @@ Output in --out:
                     id, sample, text, answer (extracted), gold, correct, length (generated tokens incl.
                     the end-of-turn token), truncated (no end-of-turn within max_new_tokens)
                     [, process_frac, process_ok] [, k]
-    settings.json   the sampling settings; a resumed run must use the same ones
+    settings.json   what produced the samples: the sampling settings, the model (directory + inputs.model_hash:
+                    config.json and the weight files' names, sizes and sampled blocks), the backend, the data
+                    file (path + sha256); a resumed run must match them all (refused in one line naming
+                    what changed), or --restart deletes the directory's samples and starts afresh
     summary.json    eval.metrics.summarize over the problems of this data file (percentages)
 Resumable: problems with all n samples in samples.jsonl are skipped; lines of a partially written
 problem are dropped and the problem is generated again.
@@ -33,7 +36,7 @@ a missing --data file, a line that is not UTF-8 or not a JSON object, a record w
 or "answer", duplicate ids (file:line each), no records; a --model that is not a directory holding
 config.json (valid JSON), weights (model.safetensors / pytorch_model.bin, or their .index.json) and a
 tokenizer with a chat template; an --out that cannot be made or written, or whose settings.json holds other
-settings. Context length: when the longest prompt + --max-new-tokens exceeds the model's positions
+settings, another model or other data (without --restart). Context length: when the longest prompt + --max-new-tokens exceeds the model's positions
 (config.json's max_position_embeddings, times the factor of a yarn / linear / dynamic rope_scaling), the run
 is REFUSED with the largest --max-new-tokens that fits (not capped: settings.json and every sample then keep
 the value asked for).
@@ -48,12 +51,14 @@ import zlib
 from pathlib import Path
 
 import cli
-from eval.inputs import InputError, check_model_dir, load_records, max_positions  # noqa: F401 (load_records)
+from eval.inputs import (InputError, check_model_dir, file_sha256, load_records, max_positions,  # noqa: F401
+                         model_hash)
 from eval.metrics import summarize
 from reward import extract_answer, score
 
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruction")
+SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruction", "model", "model_hash",
+                 "backend", "data", "data_hash")
 
 
 # --- records and prompts ------------------------------------------------------------------------
@@ -116,6 +121,24 @@ def generate_vllm(llm, tokenizer, prompts: list[str], *, temperature: float, top
 
 # --- resumption ---------------------------------------------------------------------------------
 
+def identity(model_dir, backend: str, data_path) -> dict:
+    """What produced the samples, for settings.json: the model directory and inputs.model_hash of it, the
+    backend, the data file and its sha256 (None where not known: a model object without a directory)."""
+    return {"model": None if model_dir is None else os.path.abspath(model_dir),
+            "model_hash": None if model_dir is None else model_hash(model_dir), "backend": backend,
+            "data": None if data_path is None else os.path.abspath(data_path),
+            "data_hash": None if data_path is None else file_sha256(data_path)}
+
+
+def _model_dir_of(model):
+    """The local directory a HF model (name_or_path) or a vllm.LLM (its model_config.model) was loaded from."""
+    path = getattr(model, "name_or_path", None)
+    if path is None and hasattr(model, "llm_engine"):
+        path = model.llm_engine.model_config.model
+    return path if isinstance(path, str) and os.path.isdir(path) else None
+
+
+
 def _load_finished(samples_path: Path, n: int) -> dict[str, list[dict]]:
     """Problems with all n samples in samples.jsonl; rewrites the file without any other lines
     (a partially written problem, or a torn last line after a crash)."""
@@ -154,10 +177,11 @@ def _check_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
         if not isinstance(old, dict):
             raise InputError(f"{path}: expected a JSON object, got {type(old).__name__}; use another --out directory")
         if old != settings:
-            diff = ", ".join(f"{k} {old.get(k)!r} (this run: {settings[k]!r})" for k in settings
+            diff = ", ".join(f"{k} changed" if k.endswith("_hash") and old.get(k) and settings[k] else
+                             f"{k} {old.get(k)!r} (this run: {settings[k]!r})" for k in settings
                              if old.get(k) != settings[k])
             raise InputError(f"{out_dir} holds samples made with other settings: {diff}. Use another --out "
-                             "directory.")
+                             "directory, or --restart to start it afresh (its samples are deleted).")
     elif write:
         path.write_text(json.dumps(settings, indent=1) + "\n")
 
@@ -181,16 +205,23 @@ def grade(rec: dict, sample: int, text: str, length: int, truncated: bool) -> di
 
 def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: float, top_p: float,
              max_new_tokens: int, batch_size: int, out_dir, seed: int = 0,
-             instruction: str = BOXED_INSTRUCTION, backend: str = "hf") -> dict:
+             instruction: str = BOXED_INSTRUCTION, backend: str = "hf", model_dir=None, data_path=None,
+             restart: bool = False) -> dict:
     """Generate n samples per record (skipping finished problems), grade, write samples.jsonl and
     summary.json in out_dir, and return the summary. model: a HF causal LM, or a vllm.LLM when
-    backend == "vllm". records: load_records() output (unique string ids)."""
+    backend == "vllm". records: load_records() output (unique string ids). model_dir (default: the model's
+    own name_or_path when it is a directory) and data_path (the file the records came from) go into
+    settings.json with their hashes (identity()); restart=True deletes out_dir's samples, summary and settings
+    first instead of resuming."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                    instruction=instruction)
+                    instruction=instruction, **identity(model_dir or _model_dir_of(model), backend, data_path))
+    if restart:
+        for name in ("samples.jsonl", "summary.json", "settings.json"):
+            (out_dir / name).unlink(missing_ok=True)
     _check_settings(out_dir, settings)
     samples_path = out_dir / "samples.jsonl"
     finished = _load_finished(samples_path, n)
@@ -252,6 +283,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--limit", type=int, default=None, help="only the first L problems")
     ap.add_argument("--no-instruction", action="store_true",
                     help="prompt with the bare problem (models trained without the boxed instruction)")
+    ap.add_argument("--restart", action="store_true",
+                    help="delete each --out's samples, summary and settings and start afresh (default: resume, "
+                         "refused when settings.json names other settings, another model or other data)")
     a = ap.parse_args(argv)
     instruction = "" if a.no_instruction else BOXED_INSTRUCTION
     records, configs = _check_inputs(a, instruction)
@@ -280,7 +314,8 @@ def main(argv=None) -> list[dict]:
         try:
             summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
                                max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=out_dir,
-                               seed=a.seed, instruction=instruction, backend=a.backend)
+                               seed=a.seed, instruction=instruction, backend=a.backend, model_dir=model_dir,
+                               data_path=a.data, restart=a.restart)
         except InputError as e:  # a corrupt samples.jsonl of an earlier run
             cli.fail("eval.math", e)
         print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
@@ -317,13 +352,14 @@ def _check_inputs(a, instruction: str) -> tuple[list[dict], list[dict]]:
         if not records:
             bad(f"--data {a.data}: no records (give a JSONL file of problem/answer records)")
         configs = [check_model_dir(d) for d in a.model]
-        settings = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                        seed=a.seed, instruction=instruction)
-        for out in a.out:
+        for model_dir, out in zip(a.model, a.out):
             why = cli.unwritable(out, directory=True)
             if why:
                 bad(f"--out {out}: cannot be written: {why}")
-            _check_settings(Path(out), settings, write=False)
+            settings = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                            seed=a.seed, instruction=instruction, **identity(model_dir, a.backend, a.data))
+            if not a.restart:
+                _check_settings(Path(out), settings, write=False)
     except InputError as e:
         bad(e)
     return records, configs

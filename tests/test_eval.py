@@ -321,3 +321,61 @@ def test_table_refuses_two_summaries_claiming_one_cell(tmp_path, first, second):
     assert proc.returncode == 2 and not md.exists()
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("eval.table: error: ") and "both claim row 'base'" in lines[0]
+
+
+def _eval_cli(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "eval.math", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_resume_with_another_model_or_data_is_refused(tiny_model_dir, tmp_path):
+    """evaluate() with model A into --out, then the CLI with model B (same architecture and sizes, other weights),
+    with A's directory holding new weights, and with another data file: each refused in one line naming what
+    changed, nothing written; --restart starts afresh with B's own samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(Qwen2ForCausalLM.config_class.from_pretrained(tiny_model_dir)).save_pretrained(other)
+    data = tiny_model_dir / "data.jsonl"
+    out = tmp_path / "out"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # its name_or_path names the directory
+    eval_math.evaluate(model, AutoTokenizer.from_pretrained(tiny_model_dir), eval_math.load_records(data), n=2,
+                       temperature=1.0, top_p=0.95, max_new_tokens=8, batch_size=6, out_dir=out, seed=0,
+                       data_path=data)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["model"] == str(tiny_model_dir) and settings["backend"] == "hf"
+    assert settings["model_hash"] == eval_math.model_hash(tiny_model_dir) != eval_math.model_hash(other)
+    assert settings["data"] == str(data) and settings["data_hash"] == eval_math.file_sha256(data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    common = ["--n", "2", "--temperature", "1.0", "--max-new-tokens", "8", "--batch-size", "6", "--seed", "0",
+              "--out", out]
+
+    def refused(*names, model=other, data=data):
+        proc = _eval_cli("--model", model, "--data", data, *common)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].startswith(f"eval.math: error: {out} holds samples made with other settings: ")
+        assert all(n in lines[0] for n in names), lines[0]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    refused(f"model {str(tiny_model_dir)!r} (this run: {str(other)!r})", "model_hash changed", "--restart")
+    moved = tmp_path / "moved_data.jsonl"
+    moved.write_text(data.read_text().replace("p2", "p2x"))
+    refused("data ", "data_hash changed", model=tiny_model_dir, data=moved)
+    same_dir = tmp_path / "same_dir"  # A's directory, new weights of the same sizes (hf/best replaced)
+    shutil.copytree(tiny_model_dir, same_dir)
+    _eval_cli("--model", same_dir, "--data", data, *common[:-1], tmp_path / "same_out")
+    shutil.copy(other / "model.safetensors", same_dir / "model.safetensors")
+    proc = _eval_cli("--model", same_dir, "--data", data, *common[:-1], tmp_path / "same_out")
+    assert proc.returncode == 2 and "model_hash changed" in proc.stderr and "model '" not in proc.stderr
+
+    proc = _eval_cli("--model", other, "--data", data, *common, "--restart")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0 of 3 problems already done" in proc.stdout
+    alone = tmp_path / "alone"
+    assert _eval_cli("--model", other, "--data", data, *common[:-1], alone).returncode == 0
+    assert (out / "samples.jsonl").read_text() == (alone / "samples.jsonl").read_text()  # B's own samples only
+    assert json.loads((out / "settings.json").read_text())["model"] == str(other)
