@@ -6,6 +6,10 @@
     majority_vote(answers)      greedy equivalence clusters; gold = representative of the unique
                                 largest cluster, reward r_i = 1[answer_i in that cluster]
     score(response, gold)       r = 1[extract_answer(response) equivalent to gold]
+    final_text(text, ...)       the part of a response its answer is read from (eval's grading):
+                                after-think (default): the text after the last </think>; None (no answer)
+                                when a <think> is never closed or the sample was cut off before its
+                                end-of-turn; the whole text when there is no thinking block. whole: the text.
 
 Curation (data.py) labels teacher samples with majority_vote, and eval/ grades samples with score.
 
@@ -88,6 +92,32 @@ def extract_answer(text: str | None) -> str | None:
         return None
     content = content.strip()
     return content or None
+
+
+ANSWER_FROM = ("after-think", "whole")  # final_text's modes; eval.math --answer-from
+
+
+def final_text(text: str, *, truncated: bool, answer_from: str = "after-think", think_open: bool = False) -> str | None:
+    """The part of a sampled response that holds its answer, or None when it has none.
+
+    answer_from="after-think" (a reasoning model's answer is what follows its thinking):
+        cut off before the end-of-turn (truncated)            -> None
+        a <think> after the last </think>, or think_open (the
+        prompt opened <think>) with no </think> in the text    -> None (the thinking never ended)
+        otherwise, with a </think>                            -> the text after the last </think>
+        no thinking block at all                              -> the whole text
+    answer_from="whole": the whole text, truncated or not (the training rewards' reading, reward.score).
+    """
+    if answer_from == "whole":
+        return text
+    if answer_from != "after-think":
+        raise ValueError(f"answer_from {answer_from!r}: one of {', '.join(ANSWER_FROM)}")
+    if truncated:
+        return None
+    opened, closed = text.rfind("<think>"), text.rfind("</think>")
+    if opened > closed or (think_open and closed < 0):
+        return None
+    return text[closed + len("</think>"):] if closed >= 0 else text
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Math evaluation: sample n responses per problem, grade the last \\boxed{} answer, report metrics.
+"""Math evaluation: sample n responses per problem, grade the final \\boxed{} answer, report metrics.
 
     python -m eval.math --model DIR --data FILE.jsonl --n 64 --temperature 0.6 --top-p 0.95 \\
         --max-new-tokens 32768 --out DIR [--batch-size B] [--backend hf|vllm] [--seed S] [--limit L]
@@ -10,6 +10,11 @@ Input: JSONL records with "problem" and "answer", optionally "id" (default: the 
 (a synthetic.Problem dict: adds process-verified accuracy) and "k" (difficulty: adds a per-k table).
 Prompt: the model's chat template over one user turn, problem + BOXED_INSTRUCTION (--no-instruction
 for models trained on bare questions, like the tiny lab's).
+Grading (--answer-from, default after-think, what reasoning evaluations use): the answer is the last \\boxed{}
+after the last </think>; a sample whose <think> (in its text, or opened by the chat template's generation
+prompt) never closes, or that is cut off at --max-new-tokens before its end-of-turn, has no answer and is wrong;
+an output without a thinking block is graded on its whole text. --answer-from whole: the last \\boxed{} of the
+whole text, truncated or not (the training rewards' reading). summary.json's "truncated" is the cut-off share.
 
 Output in --out:
     samples.jsonl   one line per sample, written a whole problem at a time as problems finish:
@@ -54,10 +59,10 @@ import cli
 from eval.inputs import (InputError, check_model_dir, file_sha256, load_records, max_positions,  # noqa: F401
                          model_hash)
 from eval.metrics import summarize
-from reward import extract_answer, score
+from reward import ANSWER_FROM, extract_answer, final_text, answers_equivalent
 
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruction", "model", "model_hash",
+SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruction", "answer_from", "model", "model_hash",
                  "backend", "data", "data_hash")
 
 
@@ -188,11 +193,14 @@ def _check_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def grade(rec: dict, sample: int, text: str, length: int, truncated: bool) -> dict:
-    """One samples.jsonl record."""
-    out = {"id": rec["id"], "sample": sample, "text": text, "answer": extract_answer(text),
-           "gold": str(rec["answer"]), "correct": score(text, str(rec["answer"])) == 1.0,
-           "length": length, "truncated": truncated}
+def grade(rec: dict, sample: int, text: str, length: int, truncated: bool, *, answer_from: str = "after-think",
+          think_open: bool = False) -> dict:
+    """One samples.jsonl record: the answer is the last \\boxed{} of reward.final_text (after-think: the text
+    after the last </think>; none when the thinking never closed or the sample was cut off)."""
+    final = final_text(text, truncated=truncated, answer_from=answer_from, think_open=think_open)
+    answer = extract_answer(final)
+    out = {"id": rec["id"], "sample": sample, "text": text, "answer": answer, "gold": str(rec["answer"]),
+           "correct": answers_equivalent(answer, str(rec["answer"])), "length": length, "truncated": truncated}
     if "dag" in rec:
         import synthetic  # the tiny lab's task; only needed for its problems
 
@@ -206,19 +214,21 @@ def grade(rec: dict, sample: int, text: str, length: int, truncated: bool) -> di
 def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: float, top_p: float,
              max_new_tokens: int, batch_size: int, out_dir, seed: int = 0,
              instruction: str = BOXED_INSTRUCTION, backend: str = "hf", model_dir=None, data_path=None,
-             restart: bool = False) -> dict:
+             restart: bool = False, answer_from: str = "after-think") -> dict:
     """Generate n samples per record (skipping finished problems), grade, write samples.jsonl and
     summary.json in out_dir, and return the summary. model: a HF causal LM, or a vllm.LLM when
     backend == "vllm". records: load_records() output (unique string ids). model_dir (default: the model's
     own name_or_path when it is a directory) and data_path (the file the records came from) go into
     settings.json with their hashes (identity()); restart=True deletes out_dir's samples, summary and settings
-    first instead of resuming."""
+    first instead of resuming. answer_from: reward.final_text's mode (after-think: a reasoning model's answer
+    follows its last </think>; a prompt whose template opens <think> counts as an opened block)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                    instruction=instruction, **identity(model_dir or _model_dir_of(model), backend, data_path))
+                    instruction=instruction, answer_from=answer_from,
+                    **identity(model_dir or _model_dir_of(model), backend, data_path))
     if restart:
         for name in ("samples.jsonl", "summary.json", "settings.json"):
             (out_dir / name).unlink(missing_ok=True)
@@ -246,7 +256,9 @@ def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: floa
             else:
                 raise ValueError(f"unknown backend {backend!r} (hf or vllm)")
             for (rec, s), (text, length, truncated) in zip(chunk, outs):
-                buffer[rec["id"]][s] = grade(rec, s, text, length, truncated)
+                prompt = prompts[rec["id"]]
+                buffer[rec["id"]][s] = grade(rec, s, text, length, truncated, answer_from=answer_from,
+                                             think_open=prompt.rfind("<think>") > prompt.rfind("</think>"))
                 if all(x is not None for x in buffer[rec["id"]]):  # write a problem only when whole
                     f.write("".join(json.dumps(x) + "\n" for x in buffer.pop(rec["id"])))
                     f.flush()
@@ -283,6 +295,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--limit", type=int, default=None, help="only the first L problems")
     ap.add_argument("--no-instruction", action="store_true",
                     help="prompt with the bare problem (models trained without the boxed instruction)")
+    ap.add_argument("--answer-from", choices=ANSWER_FROM, default="after-think",
+                    help="after-think (reasoning models): the answer is the last \\boxed{} after the last </think>; "
+                         "a sample whose <think> never closes or that is cut off before its end-of-turn has none "
+                         "(wrong); no thinking block: the whole text. whole: the last \\boxed{} of the whole text")
     ap.add_argument("--restart", action="store_true",
                     help="delete each --out's samples, summary and settings and start afresh (default: resume, "
                          "refused when settings.json names other settings, another model or other data)")
@@ -315,7 +331,7 @@ def main(argv=None) -> list[dict]:
             summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
                                max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=out_dir,
                                seed=a.seed, instruction=instruction, backend=a.backend, model_dir=model_dir,
-                               data_path=a.data, restart=a.restart)
+                               data_path=a.data, restart=a.restart, answer_from=a.answer_from)
         except InputError as e:  # a corrupt samples.jsonl of an earlier run
             cli.fail("eval.math", e)
         print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
@@ -357,7 +373,8 @@ def _check_inputs(a, instruction: str) -> tuple[list[dict], list[dict]]:
             if why:
                 bad(f"--out {out}: cannot be written: {why}")
             settings = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                            seed=a.seed, instruction=instruction, **identity(model_dir, a.backend, a.data))
+                            seed=a.seed, instruction=instruction, answer_from=a.answer_from,
+                            **identity(model_dir, a.backend, a.data))
             if not a.restart:
                 _check_settings(Path(out), settings, write=False)
     except InputError as e:

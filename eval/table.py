@@ -12,6 +12,8 @@ shows mean ± std (sample standard deviation over seeds) and the JSON keeps ever
 claim the same (row, benchmark) are refused unless they are distinct seed<S> directories of one cell
 directory (two models would otherwise be averaged, their gap shown as seed spread).
 The "Avg." column is the mean over benchmarks of a row's cell means (only when the row is complete).
+When the summaries hold "truncated" (eval.math's share of samples cut off at --max-new-tokens, which have no
+answer), a second table shows it per (row, benchmark) and the JSON cells carry it.
 A PNG bar chart (results.png next to --out) is drawn when matplotlib is installed.
 
 Bad input (cli.py's convention: one line `eval.table: error: ...`, exit status 2, nothing written): a path that
@@ -68,8 +70,9 @@ def _cell_dir(path: Path) -> Path:
     return d.parent if SEED_DIR.fullmatch(d.name) else d
 
 
-def collect(paths, metric: str) -> dict[str, dict[str, list[float]]]:
-    """{variant: {benchmark: [metric value per seed]}}, in order of first appearance."""
+def collect(paths, metric: str, truncated: dict | None = None) -> dict[str, dict[str, list[float]]]:
+    """{variant: {benchmark: [metric value per seed]}}, in order of first appearance; `truncated` (when given)
+    is filled the same way with the summaries' "truncated" share (samples cut off at --max-new-tokens)."""
     cells: dict[str, dict[str, list[float]]] = {}
     claims: dict[tuple[str, str], list[Path]] = {}  # (row, benchmark) -> its summary paths
     for path in find_summaries(paths):
@@ -82,6 +85,8 @@ def collect(paths, metric: str) -> dict[str, dict[str, list[float]]]:
         variant, bench = names_of(path)
         _claim(claims.setdefault((variant, bench), []), path, variant, bench)
         cells.setdefault(variant, {}).setdefault(bench, []).append(float(summary[metric]))
+        if truncated is not None and isinstance(summary.get("truncated"), (int, float)):
+            truncated.setdefault(variant, {}).setdefault(bench, []).append(float(summary["truncated"]))
     if not cells:
         raise TableError(f"no summary.json under {', '.join(map(str, paths))}")
     return cells
@@ -129,16 +134,18 @@ def _fmt(stats: dict | None) -> str:
     return f"{stats['mean']:.1f}"
 
 
-def make_table(cells: dict[str, dict[str, list[float]]], metric: str) -> tuple[str, dict]:
-    """Markdown table text and its JSON form {variant: {benchmark: cell_stats, "Avg.": ...}}."""
+def make_table(cells: dict[str, dict[str, list[float]]], metric: str,
+               truncated: dict[str, dict[str, list[float]]] | None = None) -> tuple[str, dict]:
+    """Markdown table text and its JSON form {variant: {benchmark: cell_stats, "Avg.": ...}}. With `truncated`
+    (collect's), each cell's JSON gets "truncated" (mean share over seeds, %) and a second table shows it."""
     benches: list[str] = []
     for row in cells.values():
         benches += [b for b in row if b not in benches]
     stats = {v: {b: cell_stats(row[b]) for b in benches if b in row} for v, row in cells.items()}
     with_avg = len(benches) > 1
     header = ["Model"] + benches + (["Avg."] if with_avg else [])
-    lines = [f"{metric} (%)", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+    rule = lambda cols: "|" + "|".join([" --- "] + [" ---: "] * (cols - 1)) + "|"
+    lines = [f"{metric} (%)", "", "| " + " | ".join(header) + " |", rule(len(header))]
     for variant, row in stats.items():
         cols = [_fmt(row.get(b)) for b in benches]
         if with_avg:
@@ -146,6 +153,14 @@ def make_table(cells: dict[str, dict[str, list[float]]], metric: str) -> tuple[s
                 row["Avg."] = {"mean": statistics.fmean(row[b]["mean"] for b in benches)}  # of the means
             cols.append(_fmt(row.get("Avg.")))
         lines.append("| " + " | ".join([variant] + cols) + " |")
+    if truncated:
+        lines += ["", "truncated (% of samples cut off at --max-new-tokens)", "",
+                  "| " + " | ".join(["Model"] + benches) + " |", rule(len(benches) + 1)]
+        for variant, row in stats.items():
+            for b in truncated.get(variant, {}):
+                row[b]["truncated"] = statistics.fmean(truncated[variant][b])
+            lines.append("| " + " | ".join([variant] + [f"{row[b]['truncated']:.1f}" if "truncated" in row.get(b, {})
+                                                        else "–" for b in benches]) + " |")
     return "\n".join(lines) + "\n", stats
 
 
@@ -187,11 +202,12 @@ def main(argv=None) -> str:
         why = path and cli.unwritable(path)
         if why:
             cli.fail("eval.table", f"{flag} {path}: cannot be written: {why}")
+    truncated: dict = {}
     try:
-        cells = collect(a.paths, a.metric)
+        cells = collect(a.paths, a.metric, truncated)
     except TableError as e:
         cli.fail("eval.table", e)
-    table, stats = make_table(cells, a.metric)
+    table, stats = make_table(cells, a.metric, truncated)
     out = Path(a.out)
     out.write_text(table)
     print(table, end="")

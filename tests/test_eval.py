@@ -379,3 +379,78 @@ def test_resume_with_another_model_or_data_is_refused(tiny_model_dir, tmp_path):
     assert _eval_cli("--model", other, "--data", data, *common[:-1], alone).returncode == 0
     assert (out / "samples.jsonl").read_text() == (alone / "samples.jsonl").read_text()  # B's own samples only
     assert json.loads((out / "settings.json").read_text())["model"] == str(other)
+
+
+# --- grading a reasoning model's answer (after its last </think>) ---------------------------------
+
+THOUGHT = "<think>\nLet me compute. 12 * 17 = 204, so the answer is \\boxed{204}. Hmm, let me double check"
+
+
+@pytest.mark.parametrize("text, truncated, think_open, after_think, whole", [
+    (THOUGHT, True, False, False, True),  # cut off inside its thinking: no answer (whole: graded on the thought)
+    (THOUGHT, False, False, False, True),  # ended (end-of-turn) with its <think> still open
+    (THOUGHT + " ... yes.\n</think>\nThe answer is $\\boxed{204}$.", False, False, True, True),
+    (THOUGHT + "\n</think>\nSo it is \\boxed{205}.", False, False, False, False),  # final answer wins
+    (THOUGHT + "\n</think>\nI could not decide.", False, False, False, True),  # the boxed thought is no answer
+    (THOUGHT + "\n</think>\n\\boxed{204}, and then", True, False, False, True),  # cut off before its end-of-turn
+    ("12 * 17 = 204, so \\boxed{204}.", False, False, True, True),  # no thinking block: the whole text
+    ("12 * 17 = 204, so \\boxed{204}.", False, True, False, True),  # the template opened <think>: never closed
+    ("12 * 17 = 204.\n</think>\n\\boxed{204}", False, True, True, True),  # ... and closed
+    ("<think>a</think> \\boxed{7} <think> so \\boxed{204}", False, False, False, True),  # a second think, open
+])
+def test_grade_reads_the_answer_after_the_thinking(text, truncated, think_open, after_think, whole):
+    rec = {"id": "q", "answer": "204"}
+    got = eval_math.grade(rec, 0, text, 99, truncated, think_open=think_open)  # the default: after-think
+    assert got["correct"] is after_think and (got["answer"] is None) == (not after_think and "205" not in text)
+    assert eval_math.grade(rec, 0, text, 99, truncated, answer_from="whole")["correct"] is whole
+    from reward import score
+    assert whole == (score(text, "204") == 1.0)  # whole: the training rewards' reading, unchanged
+
+
+def test_evaluate_grades_truncated_thinking_as_wrong_and_shows_its_share(tokenizer, tmp_path):
+    """evaluate() with a scripted model whose second sample is cut off inside <think> after a right boxed
+    guess; with a chat template that opens <think> itself, a text without </think> has no answer."""
+    (a,) = problems = _problems(ks=(1,))
+    good = synthetic.correct_trace(a)
+    cut = good[:good.index("</think>")] + "so \\boxed{%d} Hmm" % a.answer + " wait" * 40  # > 64 tokens
+    model = ScriptedModel(tokenizer, {a.question: [good, cut]})
+    s = eval_math.evaluate(model, tokenizer, _records(problems), n=2, temperature=0.6, top_p=0.95,
+                           max_new_tokens=64, batch_size=2, out_dir=tmp_path / "a", instruction="")
+    lines = [json.loads(x) for x in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [(x["correct"], x["truncated"], x["answer"]) for x in lines] == [(True, False, str(a.answer)),
+                                                                             (False, True, None)]
+    assert s["avg@n"] == 50.0 and s["truncated"] == 50.0
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["answer_from"] == "after-think"
+    whole = eval_math.evaluate(ScriptedModel(tokenizer, {a.question: [good, cut]}), tokenizer, _records(problems),
+                               n=2, temperature=0.6, top_p=0.95, max_new_tokens=64, batch_size=2,
+                               out_dir=tmp_path / "w", instruction="", answer_from="whole")
+    assert whole["avg@n"] == 100.0  # the old reading counted the cut-off guess
+    with pytest.raises(ValueError, match="answer_from 'after-think' \\(this run: 'whole'\\)"):
+        eval_math.evaluate(model, tokenizer, _records(problems), n=2, temperature=0.6, top_p=0.95,
+                           max_new_tokens=64, batch_size=2, out_dir=tmp_path / "a", instruction="",
+                           answer_from="whole")
+
+    opened = synthetic.build_tokenizer(tmp_path / "tok")  # R1-Distill style: the generation prompt opens <think>
+    opened.chat_template = opened.chat_template.replace("assistant\\n", "assistant\\n<think>\\n") \
+        if "assistant\\n" in opened.chat_template else opened.chat_template + "<think>\n"
+    assert eval_math.build_prompt(opened, "q", "").rstrip().endswith("<think>")
+    thought = good[len("<think>\n"):]  # the model's text starts inside the block the template opened
+    scripts = {a.question: [thought, thought.replace("</think>", "")]}
+    s = eval_math.evaluate(ScriptedModel(opened, scripts), opened, _records(problems), n=2, temperature=0.6,
+                           top_p=0.95, max_new_tokens=64, batch_size=2, out_dir=tmp_path / "o", instruction="")
+    lines = [json.loads(x) for x in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
+    assert [x["correct"] for x in lines] == [True, False] and s["truncated"] == 0.0
+
+
+def test_table_shows_the_truncated_share(tmp_path):
+    _summary(tmp_path / "runs" / "base" / "eval" / "aime24", **{"avg@n": 10.0, "truncated": 12.5})
+    _summary(tmp_path / "runs" / "base" / "eval" / "amc23" / "seed0", **{"avg@n": 50.0, "truncated": 1.0})
+    _summary(tmp_path / "runs" / "base" / "eval" / "amc23" / "seed1", **{"avg@n": 52.0, "truncated": 2.0})
+    _summary(tmp_path / "runs" / "sft" / "eval" / "amc23", **{"avg@n": 60.0, "truncated": 0.0})
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    table.main([str(tmp_path / "runs"), "--out", str(md), "--json", str(js)])
+    assert md.read_text().endswith("truncated (% of samples cut off at --max-new-tokens)\n\n"
+                                   "| Model | aime24 | amc23 |\n| --- | ---: | ---: |\n"
+                                   "| base | 12.5 | 1.5 |\n| sft | – | 0.0 |\n")
+    stats = json.loads(js.read_text())
+    assert stats["base"]["amc23"]["truncated"] == 1.5 and stats["base"]["amc23"]["mean"] == 51.0
