@@ -114,12 +114,15 @@ def generate_hf(model, tokenizer, prompts: list[str], *, temperature: float, top
 
 def generate_vllm(llm, tokenizer, prompts: list[str], *, temperature: float, top_p: float,
                   max_new_tokens: int, seeds: list[int]) -> list[tuple[str, int, bool]]:
-    """vLLM generation, one request per prompt with its own seed."""
+    """vLLM generation, one request per prompt with its own seed. The prompts go in as token ids, tokenized
+    like the HF path and the length check (add_special_tokens=False): a text prompt would get the tokenizer's
+    special tokens added again (a double BOS for templates that already emit one: Llama-3, R1-Distill-Llama)."""
     from vllm import SamplingParams
 
     params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                              max_tokens=max_new_tokens, seed=s) for s in seeds]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
     return [(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "length")
             for o in outputs]
 

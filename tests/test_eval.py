@@ -454,3 +454,35 @@ def test_table_shows_the_truncated_share(tmp_path):
                                    "| base | 12.5 | 1.5 |\n| sft | – | 0.0 |\n")
     stats = json.loads(js.read_text())
     assert stats["base"]["amc23"]["truncated"] == 1.5 and stats["base"]["amc23"]["mean"] == 51.0
+
+
+def test_vllm_gets_the_prompt_token_ids(tokenizer, tmp_path, monkeypatch):
+    """backend=vllm hands vLLM the prompt's token ids as the HF path and the length check tokenize them
+    (add_special_tokens=False), never text (vLLM would add the special tokens again). A stand-in vllm module:
+    the real engine is exercised by tests/test_vllm.py (.ci/vllm)."""
+    import types
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos_tok = synthetic.build_tokenizer(tmp_path / "tok")  # a tokenizer that adds a BOS, like Llama-3's
+    bos = bos_tok.eos_token
+    bos_tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[
+        (bos, bos_tok.eos_token_id)])
+    bos_tok.chat_template = bos + bos_tok.chat_template  # ... and a template that emits it too
+    seen = []
+
+    class LLM:
+        def generate(self, prompts, params, use_tqdm):
+            seen.extend(prompts)
+            out = types.SimpleNamespace(text="\\boxed{1}", token_ids=[5, 6], finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    recs = _records(_problems())
+    eval_math.evaluate(LLM(), bos_tok, recs, n=2, temperature=0.6, top_p=0.95, max_new_tokens=8, batch_size=6,
+                       out_dir=tmp_path / "v", instruction="", backend="vllm")
+    texts = [eval_math.build_prompt(bos_tok, r["problem"], "") for r in recs]
+    want = [bos_tok(t, add_special_tokens=False)["input_ids"] for t in texts for _ in range(2)]
+    assert seen == [{"prompt_token_ids": ids} for ids in want]
+    assert all(ids[0] == bos_tok.eos_token_id != ids[1] for ids in want)  # one BOS, the template's
+    assert bos_tok(texts[0])["input_ids"][:2] == [bos_tok.eos_token_id] * 2  # what a text prompt would give
