@@ -107,7 +107,8 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
     """Raw rows -> curated JSONL (one record per question) + <output>.report.json; returns the report.
 
     1. read rows (parse_row), group math rows by whitespace-normalised question text (_group_rows);
-    2. answers = extract_answer(response); gold, rewards = majority_vote(all answers of the question)
+    2. answers = vote_answer(response) (the boxes after the last </think> joined ", " -- several values in
+       several boxes -- else the last box); gold, rewards = majority_vote(all answers of the question)
        (math-verify equivalence clusters; equal strings short-circuit in answers_equivalent);
        agreement = |majority cluster| / #samples (unanswered samples count in the denominator) (_vote_groups);
     3. drop questions, in this order: fewer than min_samples (default group_size) samples, no boxed
@@ -150,7 +151,7 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
 def _group_rows(inputs, counter):
     """First pass: {question key: {question, samples [(response digest, answer, file index, line)], source,
     difficulty, dag}} and the counts of skipped rows; malformed rows go to counter."""
-    from reward import extract_answer
+    from reward import vote_answer
     groups, skipped = {}, Counter()
     for fi, line_no, row in iter_raw_rows(inputs, counter):
         reason, parsed = parse_row(row)
@@ -166,7 +167,7 @@ def _group_rows(inputs, counter):
                                         "difficulty": difficulty, "dag": dag})
             g["question"] = min(g["question"], question)  # a deterministic variant when rows differ in spacing
             digest = hashlib.sha1(response.encode()).digest()[:8]
-            g["samples"].append((digest, extract_answer(response), fi, line_no))
+            g["samples"].append((digest, vote_answer(response), fi, line_no))
     return groups, skipped
 
 

@@ -6,12 +6,16 @@
     majority_vote(answers)      greedy equivalence clusters; gold = representative of the unique
                                 largest cluster, reward r_i = 1[answer_i in that cluster]
     score(response, gold)       r = 1[extract_answer(response) equivalent to gold]
+    joined_answer(text, parts)  several boxes of one final answer joined ", " (a gold listing values)
+    grade_answer(final, gold)   eval's (answer, correct): the last box, or the boxes joined as gold lists them
+    vote_answer(response)       curation's answer: the boxes after the last </think> joined, else the last box
     final_text(text, ...)       the part of a response its answer is read from (eval's grading):
                                 after-think (default): the text after the last </think>; None (no answer)
                                 when a <think> is never closed or the sample was cut off before its
                                 end-of-turn; the whole text when there is no thinking block. whole: the text.
 
-Curation (data.py) labels teacher samples with majority_vote, and eval/ grades samples with score.
+Curation (curate.py) labels teacher samples with majority_vote over vote_answer; eval/ grades samples with
+grade_answer on final_text; the training rewards (rollouts) use score.
 
 Timeouts. math-verify bounds its sympy work with signal.alarm, which only works in the main
 thread. We keep that bound (TIMEOUT_SECONDS) in the main thread -- a comparison such as
@@ -118,6 +122,71 @@ def final_text(text: str, *, truncated: bool, answer_from: str = "after-think", 
     if opened > closed or (think_open and closed < 0):
         return None
     return text[closed + len("</think>"):] if closed >= 0 else text
+
+
+def extract_boxes(text: str | None) -> list[str]:
+    """The stripped, non-empty contents of every closed \\boxed{...} / \\fbox{...} of text, in order (the
+    brace-less `\\boxed 5` form included, as in extract_answer)."""
+    out = []
+    for m in _BOX_RE.finditer(text or ""):
+        got = extract_answer(text[m.start():m.end()] + text[m.end():m.end() + _next_box(text, m.end())])
+        if got is not None:
+            out.append(got)
+    return out
+
+
+def _next_box(text: str, start: int) -> int:
+    """Characters from start to the next box command (or the end): a box's content never spans another box."""
+    m = _BOX_RE.search(text, start)
+    return (m.start() if m else len(text)) - start
+
+
+def list_parts(answer: str) -> int:
+    """How many values an answer lists: 1 + its commas outside (), [], {}, \\{ \\} ("1,-2" -> 2, "$69$,$84$"
+    -> 2, "(1,2)" -> 1, "(1,2), (3,4)" -> 2, "[0, 1)" -> 1)."""
+    depth, parts, i = 0, 1, 0
+    while i < len(answer):
+        ch = answer[i]
+        if ch == "\\" and answer[i + 1:i + 2] in ("{", "}"):
+            ch, i = answer[i + 1], i + 1
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            parts += 1
+        i += 1
+    return parts
+
+
+def joined_answer(text: str | None, parts: int | None = None) -> str | None:
+    """The answer of a final answer text whose values may sit in several boxes ("x = \\boxed{1} and x =
+    \\boxed{-2}"): with fewer than 2 boxes, or parts == 1, extract_answer(text) (the last box); else its last
+    `parts` boxes (grading: as many as the gold lists) or, parts None (a vote without gold), its distinct boxes
+    in order, joined with ", " the way a gold lists values."""
+    boxes = extract_boxes(text)
+    if len(boxes) < 2 or parts == 1:
+        return extract_answer(text)
+    chosen = list(dict.fromkeys(boxes)) if parts is None else boxes[-parts:]
+    return ", ".join(chosen) if len(chosen) > 1 else chosen[0]
+
+
+def vote_answer(response: str) -> str | None:
+    """A teacher response's answer for curation's majority vote: joined_answer of the text after its last
+    </think> when that part has a box, else the last box of the whole response (extract_answer, as before)."""
+    closed = response.rfind("</think>")
+    final = response[closed + len("</think>"):] if closed >= 0 else response
+    return joined_answer(final) if extract_boxes(final) else extract_answer(response)
+
+
+def grade_answer(final: str | None, gold: str) -> tuple[str | None, bool]:
+    """(answer, correct) of a final answer text against gold: the last box, or -- when gold lists several values
+    and the text has several boxes -- the last list_parts(gold) boxes joined (joined_answer), whichever verifies."""
+    last = extract_answer(final)
+    if answers_equivalent(last, gold):
+        return last, True
+    joined = joined_answer(final, list_parts(gold))
+    return joined, joined != last and answers_equivalent(joined, gold)
 
 
 # ------------------------------------------------------------------------------------------------

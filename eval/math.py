@@ -59,7 +59,7 @@ import cli
 from eval.inputs import (InputError, check_model_dir, file_sha256, load_records, max_positions,  # noqa: F401
                          model_hash)
 from eval.metrics import summarize
-from reward import ANSWER_FROM, extract_answer, final_text, answers_equivalent
+from reward import ANSWER_FROM, final_text, grade_answer
 
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruction", "answer_from", "model", "model_hash",
@@ -198,12 +198,13 @@ def _check_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
 
 def grade(rec: dict, sample: int, text: str, length: int, truncated: bool, *, answer_from: str = "after-think",
           think_open: bool = False) -> dict:
-    """One samples.jsonl record: the answer is the last \\boxed{} of reward.final_text (after-think: the text
-    after the last </think>; none when the thinking never closed or the sample was cut off)."""
+    """One samples.jsonl record: the answer is reward.grade_answer of reward.final_text (after-think: the text
+    after the last </think>; none when the thinking never closed or the sample was cut off): its last \\boxed{},
+    or its boxes joined as the gold lists its values ("x = \\boxed{1} and x = \\boxed{-2}" vs gold 1,-2)."""
     final = final_text(text, truncated=truncated, answer_from=answer_from, think_open=think_open)
-    answer = extract_answer(final)
+    answer, correct = grade_answer(final, str(rec["answer"]))
     out = {"id": rec["id"], "sample": sample, "text": text, "answer": answer, "gold": str(rec["answer"]),
-           "correct": answers_equivalent(answer, str(rec["answer"])), "length": length, "truncated": truncated}
+           "correct": correct, "length": length, "truncated": truncated}
     if "dag" in rec:
         import synthetic  # the tiny lab's task; only needed for its problems
 

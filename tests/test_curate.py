@@ -7,7 +7,7 @@ import pytest
 import curate
 import synthetic
 from data import read_records
-from reward import answers_equivalent, extract_answer
+from reward import answers_equivalent, extract_answer, majority_vote
 
 
 def write_jsonl(path, rows):
@@ -129,3 +129,20 @@ def test_curate_synthetic_majority_accuracy(tmp_path):
     assert report["majority_accuracy"] == {"voted": 0.5, "kept": 0.5}
     assert recs[p1.question]["dag"] == p1.to_dict() and recs[p2.question]["gold"] == wrong2
     assert recs[p2.question]["agreement"] == 0.625
+
+
+def test_curation_votes_on_the_joined_boxes(tmp_path):
+    """16 teacher rows: 6 box the two roots separately, 4 box them together (other order), 6 say 3. Joined, the
+    roots win 10 to 6; read by the last box alone it was a 6 : 6 tie and the question was dropped."""
+    texts = (["<think>\nroots \\boxed{7}?\n</think>\nx = \\boxed{1} and x = \\boxed{-2}"] * 6
+             + ["<think>\nroots\n</think>\n\\boxed{-2, 1}"] * 4 + ["<think>\nhm\n</think>\n\\boxed{3}"] * 6)
+    rows = [{"conversations": [{"from": "human", "value": "Solve x^2 + x - 2 = 0."},
+                               {"from": "gpt", "value": t + f" ({i})"}], "domain": "math"} for i, t in enumerate(texts)]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = curate.curate([str(tmp_path / "raw.jsonl")], str(tmp_path / "out.jsonl"), group_size=8, seed=0)
+    (rec,) = read_records(tmp_path / "out.jsonl")
+    assert report["questions_kept"] == 1 and rec["agreement"] == 10 / 16
+    assert answers_equivalent(rec["gold"], "1,-2")
+    assert rec["rewards"] == [0.0 if r.startswith("<think>\nhm") else 1.0 for r in rec["responses"]]
+    old = majority_vote([extract_answer(t) for t in texts])
+    assert old == (None, [0.0] * 16)  # the last box alone: -2 x 6 vs 3 x 6
