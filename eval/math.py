@@ -1,7 +1,8 @@
 """Math evaluation: sample n responses per problem, grade the final \\boxed{} answer, report metrics.
 
     python -m eval.math --model DIR --data FILE.jsonl --n 64 --temperature 0.6 --top-p 0.95 \\
-        --max-new-tokens 32768 --out DIR [--batch-size B] [--backend hf|vllm] [--seed S] [--limit L]
+        --max-new-tokens 32768 --out DIR [--batch-size B | --max-batch-tokens T] [--backend hf|vllm] [--seed S]
+        [--limit L]
     python -m eval.math --model DIR1 DIR2 ... --out OUT1 OUT2 ... [same options]
         several models in one process, one after the other, on the same data and settings (saves the
         start-up per model; each model's samples are what a run of its own would give)
@@ -36,7 +37,7 @@ sampling defaults (top_k, repetition_penalty, ...) are overridden with neutral v
 
 Bad input (cli.py's convention: one line `eval.math: error: ...` on stderr, exit status 2, nothing written),
 all checked before any model is loaded or any --out directory is made: --n < 1, --temperature < 0,
---top-p outside (0, 1], --max-new-tokens / --batch-size / --limit < 1, one --out per --model (all different);
+--top-p outside (0, 1], --max-new-tokens / --batch-size / --max-batch-tokens / --limit < 1, one --out per --model (all different);
 a missing --data file, a line that is not UTF-8 or not a JSON object, a record without "problem" (a string)
 or "answer", duplicate ids (file:line each), no records; a --model that is not a directory holding
 config.json (valid JSON), weights (model.safetensors / pytorch_model.bin, or their .index.json) and a
@@ -196,6 +197,22 @@ def _check_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
+DEFAULT_BATCH_TOKENS = 262_144  # HF: KV-cache tokens per generate() call (a 7B's 56 KiB/token: 14 GiB)
+
+
+def default_batch_size(tokenizer, prompts: list[str], pending: int, *, backend: str, max_new_tokens: int,
+                       max_batch_tokens: int) -> int:
+    """Sequences per generate() call when --batch-size is not given. vllm: every pending sample in one call
+    (continuous batching refills the slots of finished sequences; per-problem batches would leave them idle).
+    hf: as many as fit a KV cache of max_batch_tokens tokens at the longest prompt + max_new_tokens,
+        batch = max(1, max_batch_tokens // (longest prompt + max_new_tokens))
+    (a 7B at 31,744 new tokens: 8 sequences; 64 would hold ~117 GB of KV cache)."""
+    if backend == "vllm" or not prompts:
+        return max(1, pending)
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    return max(1, max_batch_tokens // (longest + max_new_tokens))
+
+
 def grade(rec: dict, sample: int, text: str, length: int, truncated: bool, *, answer_from: str = "after-think",
           think_open: bool = False) -> dict:
     """One samples.jsonl record: the answer is reward.grade_answer of reward.final_text (after-think: the text
@@ -216,7 +233,8 @@ def grade(rec: dict, sample: int, text: str, length: int, truncated: bool, *, an
 
 
 def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: float, top_p: float,
-             max_new_tokens: int, batch_size: int, out_dir, seed: int = 0,
+             max_new_tokens: int, out_dir, batch_size: int | None = None,
+             max_batch_tokens: int = DEFAULT_BATCH_TOKENS, seed: int = 0,
              instruction: str = BOXED_INSTRUCTION, backend: str = "hf", model_dir=None, data_path=None,
              restart: bool = False, answer_from: str = "after-think") -> dict:
     """Generate n samples per record (skipping finished problems), grade, write samples.jsonl and
@@ -224,7 +242,7 @@ def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: floa
     backend == "vllm". records: load_records() output (unique string ids). model_dir (default: the model's
     own name_or_path when it is a directory) and data_path (the file the records came from) go into
     settings.json with their hashes (identity()); restart=True deletes out_dir's samples, summary and settings
-    first instead of resuming. answer_from: reward.final_text's mode (after-think: a reasoning model's answer
+    first instead of resuming. batch_size: sequences per generate() call, None = default_batch_size. answer_from: reward.final_text's mode (after-think: a reasoning model's answer
     follows its last </think>; a prompt whose template opens <think> counts as an opened block)."""
     from tqdm import tqdm
 
@@ -245,6 +263,9 @@ def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: floa
 
     work = [(r, s) for r in pending for s in range(n)]  # one entry per sample to generate
     prompts = {r["id"]: build_prompt(tokenizer, r["problem"], instruction) for r in pending}
+    if batch_size is None:
+        batch_size = default_batch_size(tokenizer, list(prompts.values()), len(work), backend=backend,
+                                        max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens)
     buffer: dict[str, list] = {r["id"]: [None] * n for r in pending}
     with open(samples_path, "a") as f, tqdm(total=len(work), desc="eval", unit="sample") as bar:
         for start in range(0, len(work), batch_size):
@@ -292,8 +313,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=31744,
                     help="prompt + max-new-tokens must fit the model's positions (31744: the 7B's 32768 less 1024)")
-    ap.add_argument("--batch-size", type=int, default=64,
-                    help="sequences per generate() call (vllm: use a large value, e.g. all samples)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per generate() call (default: hf, what fits --max-batch-tokens; vllm, every "
+                         "pending sample in one call)")
+    ap.add_argument("--max-batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                    help="hf without --batch-size: KV-cache tokens per call, (longest prompt + max-new-tokens) x "
+                         "batch (262144: 14 GiB for a 7B at 56 KiB per token)")
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="only the first L problems")
@@ -333,7 +358,8 @@ def main(argv=None) -> list[dict]:
         print(f"eval: {model_dir} on {where}", flush=True)
         try:
             summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
-                               max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=out_dir,
+                               max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                               max_batch_tokens=a.max_batch_tokens, out_dir=out_dir,
                                seed=a.seed, instruction=instruction, backend=a.backend, model_dir=model_dir,
                                data_path=a.data, restart=a.restart, answer_from=a.answer_from)
         except InputError as e:  # a corrupt samples.jsonl of an earlier run
@@ -361,7 +387,8 @@ def _check_inputs(a, instruction: str) -> tuple[list[dict], list[dict]]:
         bad(f"--temperature {a.temperature:g}: must be >= 0 (0 = greedy)")
     if not 0 < a.top_p <= 1:
         bad(f"--top-p {a.top_p:g}: must be in (0, 1]")
-    for flag, value in (("--max-new-tokens", a.max_new_tokens), ("--batch-size", a.batch_size), ("--limit", a.limit)):
+    for flag, value in (("--max-new-tokens", a.max_new_tokens), ("--batch-size", a.batch_size),
+                        ("--max-batch-tokens", a.max_batch_tokens), ("--limit", a.limit)):
         if value is not None and value < 1:
             bad(f"{flag} {value}: must be >= 1")
     if not os.path.isfile(a.data):

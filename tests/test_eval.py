@@ -486,3 +486,42 @@ def test_vllm_gets_the_prompt_token_ids(tokenizer, tmp_path, monkeypatch):
     assert seen == [{"prompt_token_ids": ids} for ids in want]
     assert all(ids[0] == bos_tok.eos_token_id != ids[1] for ids in want)  # one BOS, the template's
     assert bos_tok(texts[0])["input_ids"][:2] == [bos_tok.eos_token_id] * 2  # what a text prompt would give
+
+
+def test_batch_defaults_kv_budget_for_hf_all_pending_for_vllm(tokenizer, tmp_path, monkeypatch):
+    """Without --batch-size: HF generate() calls hold max_batch_tokens // (longest prompt + max_new_tokens)
+    sequences (a 7B's AIME run: 8, not 64 x 32k tokens of KV cache); vLLM gets every pending sample in one call."""
+    import types
+
+    seven_b = lambda prompts, add_special_tokens: {"input_ids": [[0] * 300 for _ in prompts]}  # 300-token prompts
+    assert eval_math.default_batch_size(seven_b, ["p"] * 30, 30 * 64, backend="hf", max_new_tokens=31744,
+                                        max_batch_tokens=eval_math.DEFAULT_BATCH_TOKENS) == 262144 // 32044 == 8
+    assert eval_math.default_batch_size(seven_b, ["p"], 1920, backend="vllm", max_new_tokens=31744,
+                                        max_batch_tokens=1) == 1920
+    problems = _problems(ks=(1, 2, 2))
+    recs = _records(problems)
+    longest = max(len(tokenizer(eval_math.build_prompt(tokenizer, r["problem"], ""), add_special_tokens=False)
+                      ["input_ids"]) for r in recs)
+    scripts = {p.question: [synthetic.correct_trace(p)] * 4 for p in problems}
+    model = ScriptedModel(tokenizer, scripts)
+    sizes = []
+    generate = model.generate
+    model.generate = lambda input_ids, **kw: sizes.append(len(input_ids)) or generate(input_ids, **kw)
+    budget = 3 * (longest + 64) + 5  # room for 3 sequences
+    s = eval_math.evaluate(model, tokenizer, recs, n=4, temperature=0.6, top_p=0.95, max_new_tokens=64,
+                           max_batch_tokens=budget, out_dir=tmp_path / "hf", instruction="")
+    assert sizes == [3, 3, 3, 3] and s["avg@n"] == 100.0
+
+    calls = []
+
+    class LLM:
+        def generate(self, prompts, params, use_tqdm):
+            calls.append(len(prompts))
+            out = types.SimpleNamespace(text="\\boxed{1}", token_ids=[5], finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    eval_math.evaluate(LLM(), tokenizer, recs, n=4, temperature=0.6, top_p=0.95, max_new_tokens=64,
+                       max_batch_tokens=budget, out_dir=tmp_path / "vllm", instruction="", backend="vllm")
+    assert calls == [12]
+    assert len((tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()) == 12
