@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from collections import Counter
 
 import cli
@@ -96,11 +97,19 @@ def parse_row(row):
 # --------------------------------------------------------------------------- curation
 
 def _vote(job):
-    """Pool worker: (answers, true_answer | None) -> (gold, rewards, gold_correct | None)."""
-    from reward import answers_equivalent, majority_vote
+    """Worker: (answers, true_answer | None) -> (gold, rewards, gold_correct | None, string-only comparisons,
+    comparisons past the vote's time budget) -- the last two: reward.STATS counts of this vote."""
+    from reward import STATS, answers_equivalent, majority_vote
     answers, truth = job
-    gold, rewards = majority_vote(answers)
-    return gold, rewards, None if truth is None or gold is None else answers_equivalent(gold, truth)
+    before = STATS.copy()
+    gold, rewards = majority_vote(answers)  # reward.VOTE_BUDGET_SECONDS per question
+    correct = None if truth is None or gold is None else answers_equivalent(gold, truth)
+    return (gold, rewards, correct, STATS["string_only"] - before["string_only"],
+            STATS["over_budget"] - before["over_budget"])
+
+
+class WorkerDied(RuntimeError):
+    """A voting process died (killed: the OOM killer, a signal); the CLI prints it as one line, exit 1."""
 
 
 def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5, seed=0, workers=1):
@@ -137,6 +146,8 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
               "rows_read": counter.total, "rows_malformed": counter.num_malformed, "malformed": counter.reasons,
               "rows_not_math": skipped["rows_not_math"], "rows_no_domain": skipped["rows_no_domain"],
               "questions_read": len(groups), "questions_kept": num_kept, "dropped": dict(drops),
+              "comparisons_string_only": sum(v[3] for v in votes),  # degenerate answers (reward.symbolic_ok)
+              "votes_over_budget": sum(v[4] > 0 for v in votes),  # votes past reward.VOTE_BUDGET_SECONDS
               "all_positive_share": num_all_positive / num_kept if num_kept else 0.0,
               "agreement_histogram": {f"[{i / 10:.1f},{(i + 1) / 10:.1f}{']' if i == 9 else ')'}": n
                                       for i, n in enumerate(hist)}}
@@ -185,9 +196,15 @@ def _vote_groups(groups, min_samples, workers, drops):
             truth = None if g["dag"] is None else _true_answer(g["dag"])
             jobs.append((key, ([s[1] for s in g["samples"]], truth)))
     if workers > 1:  # math-verify is the cost; equal strings never reach it (answers_equivalent)
-        import multiprocessing
-        with multiprocessing.Pool(workers) as pool:
-            votes = pool.map(_vote, [j for _, j in jobs], chunksize=max(1, len(jobs) // (8 * workers)))
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        try:  # (multiprocessing.Pool.map waits forever for the results of a worker the OOM killer took)
+            with ProcessPoolExecutor(workers) as pool:
+                votes = list(pool.map(_vote, [j for _, j in jobs], chunksize=max(1, len(jobs) // (8 * workers))))
+        except BrokenProcessPool:
+            raise WorkerDied(f"a voting worker died (killed, e.g. by the out-of-memory killer) while voting on "
+                             f"{len(jobs)} questions; nothing written: rerun with fewer --workers or more "
+                             "memory") from None
     else:
         votes = [_vote(j) for _, j in jobs]
     return jobs, votes
@@ -199,7 +216,7 @@ def _select(groups, jobs, votes, num_inputs, *, group_size, min_agreement, seed,
     agreement histogram [10], gold correctness {"voted": [...], "kept": [...]} where the truth is known)."""
     kept, hist, gold_correct = {}, [0] * 10, {"voted": [], "kept": []}
     wanted = [dict() for _ in range(num_inputs)]
-    for (key, _), (gold, rewards, correct) in zip(jobs, votes):
+    for (key, _), (gold, rewards, correct, _, _) in zip(jobs, votes):
         g = groups[key]
         if gold is None:
             drops["tie"] += 1
@@ -255,6 +272,8 @@ def format_report(report):
     lines.append(f"questions read {report['questions_read']}, kept {report['questions_kept']}, dropped "
                  + ", ".join(f"{r} {n}" for r, n in report["dropped"].items()))
     lines.append(f"all-positive groups {report['all_positive_share']:.1%} of kept")
+    lines.append(f"grading budget: {report['comparisons_string_only']} comparisons of degenerate answers as strings "
+                 f"only, {report['votes_over_budget']} votes past their time budget")
     lines.append("agreement (questions with a majority):")
     top = max(report["agreement_histogram"].values()) or 1
     lines += [f"  {b:<10} {n:>6} {'#' * round(40 * n / top)}" for b, n in report["agreement_histogram"].items()]
@@ -284,6 +303,8 @@ def main(argv=None):
                         min_agreement=args.min_agreement, seed=args.seed, workers=args.workers)
     except DataError as e:
         cli.fail(command, e)
+    except WorkerDied as e:
+        sys.exit(f"{command}: error: {e}")
     print(format_report(report))
     print(f"wrote {args.output} and {args.output}.report.json")
 

@@ -22,6 +22,12 @@ thread. We keep that bound (TIMEOUT_SECONDS) in the main thread -- a comparison 
 9^{9^{9}} vs 2 otherwise runs for minutes -- and disable it elsewhere so that the functions can
 be called from worker threads (there a pathological answer can be slow; the caller bounds it).
 A comparison that times out counts as "not equivalent".
+
+Budget. Answers that would cost the symbolic path seconds per comparison (longer than MAX_SYMBOLIC_CHARS,
+nested deeper than MAX_SYMBOLIC_DEPTH, towers of exponents such as 9^{9^{9}}, huge factorials) are compared
+as strings only (symbolic_ok; STATS["string_only"] counts them): the verdict does not depend on machine load.
+A majority vote has a time budget (VOTE_BUDGET_SECONDS): past it, its remaining comparisons are string
+comparisons (STATS["over_budget"]).
 """
 
 from __future__ import annotations
@@ -29,10 +35,18 @@ from __future__ import annotations
 import functools
 import re
 import threading
+import time
+from collections import Counter
 
 from math_verify import parse, verify
 
 TIMEOUT_SECONDS = 5  # per parse / per comparison, main thread only (see module docstring)
+MAX_SYMBOLIC_CHARS = 400  # longer answers are compared as strings only (the longest benchmark gold: 210)
+MAX_SYMBOLIC_DEPTH = 12  # brace / parenthesis nesting beyond which an answer is compared as a string only
+VOTE_BUDGET_SECONDS = 30.0  # majority_vote: past it, the remaining comparisons are string comparisons
+STATS: Counter = Counter()  # string_only (degenerate answer), over_budget (a vote's budget spent): counts
+# towers of numeric exponents (9^{9^{9}}, 2^2^2, 9^{(9^9)}), exponents of 6+ digits, factorials of 4+ digits
+_DEGENERATE_RE = re.compile(r"\d\s*\^\s*[{(\s]*\d+\s*\^|\^\s*[{(\s]*\d{6,}|\d{4,}\s*!")
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
@@ -241,15 +255,36 @@ def answers_equivalent(a: str | None, b: str | None) -> bool:
         return False
     if na == nb:
         return True
+    if not (symbolic_ok(na) and symbolic_ok(nb)):
+        STATS["string_only"] += 1
+        return False
     return _verify(na, nb) or _verify(nb, na)
+
+
+def symbolic_ok(answer: str) -> bool:
+    """False for an answer math-verify's symbolic path is not given (it would cost up to TIMEOUT_SECONDS per
+    comparison, and a bound by wall clock makes the verdict depend on machine load): longer than
+    MAX_SYMBOLIC_CHARS, nested deeper than MAX_SYMBOLIC_DEPTH, a tower of exponents, a huge factorial."""
+    if len(answer) > MAX_SYMBOLIC_CHARS or _DEGENERATE_RE.search(answer):
+        return False
+    depth = deepest = 0
+    for ch in answer:
+        depth += ch in "{(["
+        depth -= ch in "})]"
+        deepest = max(deepest, depth)
+    return deepest <= MAX_SYMBOLIC_DEPTH
 
 
 # ------------------------------------------------------------------------------------------------
 # majority vote and scoring
 
 
-def majority_vote(answers: list[str | None]) -> tuple[str | None, list[float]]:
+def majority_vote(answers: list[str | None], budget_seconds: float | None = VOTE_BUDGET_SECONDS,
+                  ) -> tuple[str | None, list[float]]:
     """Majority answer of a group and the 0/1 rewards it implies.
+
+    Time budget: once budget_seconds (None: no budget) have passed, the remaining comparisons of the vote
+    are string comparisons (after collapsing whitespace), each counted in STATS["over_budget"].
 
     Greedy clustering: each non-None answer joins the first existing cluster whose representative
     (its first member) is equivalent to it, else it opens a new cluster. None answers join no
@@ -258,11 +293,12 @@ def majority_vote(answers: list[str | None]) -> tuple[str | None, list[float]]:
     every reward is 0.0.
     """
     clusters: list[list[int]] = []  # indices into answers; clusters[c][0] is the representative
+    deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
     for i, ans in enumerate(answers):
         if ans is None:
             continue
         for members in clusters:
-            if answers_equivalent(answers[members[0]], ans):
+            if _same(answers[members[0]], ans, deadline):
                 members.append(i)
                 break
         else:
@@ -277,6 +313,14 @@ def majority_vote(answers: list[str | None]) -> tuple[str | None, list[float]]:
     for i in best:
         rewards[i] = 1.0
     return answers[best[0]], rewards
+
+
+def _same(a: str, b: str, deadline: float | None) -> bool:
+    """answers_equivalent, or a string comparison once the vote's deadline has passed (counted)."""
+    if deadline is not None and time.monotonic() > deadline:
+        STATS["over_budget"] += 1
+        return _normalise(a) == _normalise(b)
+    return answers_equivalent(a, b)
 
 
 def score(response_text: str, gold: str | None) -> float:

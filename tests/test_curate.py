@@ -146,3 +146,54 @@ def test_curation_votes_on_the_joined_boxes(tmp_path):
     assert rec["rewards"] == [0.0 if r.startswith("<think>\nhm") else 1.0 for r in rec["responses"]]
     old = majority_vote([extract_answer(t) for t in texts])
     assert old == (None, [0.0] * 16)  # the last box alone: -2 x 6 vs 3 x 6
+
+
+def test_a_killed_worker_fails_the_run_instead_of_hanging(tmp_path):
+    """A voting worker SIGKILLed mid-run (the OOM killer): curate.py stops with one line, exit 1, nothing
+    written (multiprocessing.Pool.map waited forever here)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    rows = [ot3(f"Q{q}?", boxed("KILL" if q == 5 else "1")) for q in range(12) for _ in range(8)]
+    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{repo / 'tests'}")
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "_curate_kill_worker.py"), "--input", str(inp),
+                           "--output", str(out), "--workers", "2"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("curate.py: error: a voting worker died") and "--workers" in lines[0]
+    assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists() and not Path(f"{out}.report.json").exists()
+    # the same run without the kill: all 12 questions kept
+    proc = subprocess.run([sys.executable, "curate.py", "--input", str(inp), "--output", str(out), "--workers", "2"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(Path(f"{out}.report.json").read_text())["questions_kept"] == 12
+
+
+def test_degenerate_answers_stay_within_the_grading_budget(tmp_path):
+    """A group whose answers include 9^{9^{9}}, a huge factorial and 2,000 nested braces: compared as strings only
+    (counted in the report), the vote takes well under one math-verify timeout (before: ~10 s per comparison
+    of 9^{9^{9}} with each other answer, 20 s for this group); the labels are those of a vote without them."""
+    import time
+
+    import reward
+    junk = [r"9^{9^{9}}", r"100000!", "{" * 2000 + "1" + "}" * 2000]
+    answers = ["12"] * 9 + [r"\frac{24}{2}"] + ["13"] * 3 + junk
+    rows = [ot3("Q?", boxed(a) + f" ({i})") for i, a in enumerate(answers)]
+    start = time.monotonic()
+    report, recs, _ = run_curate(tmp_path, rows, group_size=8, workers=1)
+    assert time.monotonic() - start < 5
+    (rec,) = recs.values()
+    assert rec["agreement"] == 10 / 16 and answers_equivalent(rec["gold"], "12")
+    assert report["comparisons_string_only"] >= 3 and report["votes_over_budget"] == 0
+    assert rec["rewards"] == [float(answers_equivalent(extract_answer(r), "12")) for r in rec["responses"]]
+    assert reward.majority_vote(answers[:13] + [None] * 3)[0] == rec["gold"]  # the vote without the junk
+    # the vote's time budget: past it, string comparisons only (counted); equal strings still agree
+    before = reward.STATS["over_budget"]
+    assert reward.majority_vote(["0.5", r"\frac12", "0.5"], budget_seconds=0.0) == ("0.5", [1.0, 0.0, 1.0])
+    assert reward.majority_vote(["0.5", r"\frac12", "0.5"], budget_seconds=None) == ("0.5", [1.0, 1.0, 1.0])
+    assert reward.STATS["over_budget"] - before == 2
