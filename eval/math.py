@@ -58,8 +58,9 @@ from pathlib import Path
 
 import cli
 from eval.inputs import (InputError, check_model_dir, file_sha256, load_records, max_positions,  # noqa: F401
-                         model_hash)
+                         model_hash)  # (file_sha256, model_hash, load_records: re-exported for the tests)
 from eval.metrics import summarize
+from eval.resume import check_settings, identity, load_finished, model_dir_of
 from reward import ANSWER_FROM, final_text, grade_answer
 
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -128,73 +129,6 @@ def generate_vllm(llm, tokenizer, prompts: list[str], *, temperature: float, top
             for o in outputs]
 
 
-# --- resumption ---------------------------------------------------------------------------------
-
-def identity(model_dir, backend: str, data_path) -> dict:
-    """What produced the samples, for settings.json: the model directory and inputs.model_hash of it, the
-    backend, the data file and its sha256 (None where not known: a model object without a directory)."""
-    return {"model": None if model_dir is None else os.path.abspath(model_dir),
-            "model_hash": None if model_dir is None else model_hash(model_dir), "backend": backend,
-            "data": None if data_path is None else os.path.abspath(data_path),
-            "data_hash": None if data_path is None else file_sha256(data_path)}
-
-
-def _model_dir_of(model):
-    """The local directory a HF model (name_or_path) or a vllm.LLM (its model_config.model) was loaded from."""
-    path = getattr(model, "name_or_path", None)
-    if path is None and hasattr(model, "llm_engine"):
-        path = model.llm_engine.model_config.model
-    return path if isinstance(path, str) and os.path.isdir(path) else None
-
-
-
-def _load_finished(samples_path: Path, n: int) -> dict[str, list[dict]]:
-    """Problems with all n samples in samples.jsonl; rewrites the file without any other lines
-    (a partially written problem, or a torn last line after a crash)."""
-    if not samples_path.exists():
-        return {}
-    by_id: dict[str, dict[int, dict]] = {}
-    lines = samples_path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                continue  # torn last line
-            raise InputError(f"{samples_path}:{i + 1}: not valid JSON ({e.msg}); only a torn last line is dropped "
-                             "on resumption: repair the file or use another --out directory") from None
-        if not isinstance(s, dict) or "id" not in s or "sample" not in s:
-            raise InputError(f"{samples_path}:{i + 1}: not a sample record (id, sample, ...); repair the file or "
-                             "use another --out directory")
-        by_id.setdefault(s["id"], {})[s["sample"]] = s
-    finished = {pid: [got[j] for j in range(n)] for pid, got in by_id.items() if set(got) == set(range(n))}
-    kept = [s for pid in finished for s in finished[pid]]
-    if len(kept) != len(lines):
-        samples_path.write_text("".join(json.dumps(s) + "\n" for s in kept))
-    return finished
-
-
-def _check_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
-    """InputError when out_dir's settings.json holds other settings (or is not JSON); else write it (write=True)
-    if it is not there yet."""
-    path = out_dir / "settings.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not valid JSON ({e}); use another --out directory") from None
-        if not isinstance(old, dict):
-            raise InputError(f"{path}: expected a JSON object, got {type(old).__name__}; use another --out directory")
-        if old != settings:
-            diff = ", ".join(f"{k} changed" if k.endswith("_hash") and old.get(k) and settings[k] else
-                             f"{k} {old.get(k)!r} (this run: {settings[k]!r})" for k in settings
-                             if old.get(k) != settings[k])
-            raise InputError(f"{out_dir} holds samples made with other settings: {diff}. Use another --out "
-                             "directory, or --restart to start it afresh (its samples are deleted).")
-    elif write:
-        path.write_text(json.dumps(settings, indent=1) + "\n")
-
-
 # --- evaluation ---------------------------------------------------------------------------------
 
 DEFAULT_BATCH_TOKENS = 262_144  # HF: KV-cache tokens per generate() call (a 7B's 56 KiB/token: 14 GiB)
@@ -250,13 +184,13 @@ def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: floa
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                     instruction=instruction, answer_from=answer_from,
-                    **identity(model_dir or _model_dir_of(model), backend, data_path))
+                    **identity(model_dir or model_dir_of(model), backend, data_path))
     if restart:
         for name in ("samples.jsonl", "summary.json", "settings.json"):
             (out_dir / name).unlink(missing_ok=True)
-    _check_settings(out_dir, settings)
+    check_settings(out_dir, settings)
     samples_path = out_dir / "samples.jsonl"
-    finished = _load_finished(samples_path, n)
+    finished = load_finished(samples_path, n)
     pending = [r for r in records if r["id"] not in finished]
     print(f"eval: {len(records) - len(pending)} of {len(records)} problems already done, "
           f"{len(pending)} to generate ({len(pending) * n} samples)", flush=True)
@@ -407,7 +341,7 @@ def _check_inputs(a, instruction: str) -> tuple[list[dict], list[dict]]:
                             seed=a.seed, instruction=instruction, answer_from=a.answer_from,
                             **identity(model_dir, a.backend, a.data))
             if not a.restart:
-                _check_settings(Path(out), settings, write=False)
+                check_settings(Path(out), settings, write=False)
     except InputError as e:
         bad(e)
     return records, configs
