@@ -20,6 +20,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 from collections import Counter
 
 import cli
@@ -125,8 +126,8 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
     4. keep group_size responses: a random subset from random.Random(f"{seed}:{question key}") over the
        samples sorted by response hash -- deterministic given the seed and the samples, not file order;
        all_positive = every kept reward > 0 (_select).
-    Two passes over the inputs (answers and line numbers first, kept responses second: _write_kept) keep memory
-    small. The output is written to <output>.tmp and renamed when complete.
+    Two passes over the inputs (answers and line numbers first, kept responses second, spilled to a temporary
+    file: _write_kept) keep memory small whatever the row order. The output is written to <output>.tmp and renamed when complete.
     """
     min_samples = group_size if min_samples is None else min_samples
     if min_samples < group_size:
@@ -245,16 +246,31 @@ def _select(groups, jobs, votes, num_inputs, *, group_size, min_agreement, seed,
 
 
 def _write_kept(inputs, output, kept, wanted):
-    """Second pass: fetch the kept responses and write each question's record once it is complete, to
-    <output>.tmp, renamed to output at the end. Empties `kept`."""
-    with open(output + ".tmp", "w") as f:
+    """Second pass: fetch the kept responses and write the records to <output>.tmp, renamed to output at the end.
+    Empties `kept`. Memory stays bounded whatever the row order (a question's samples may be spread over the
+    whole file): each picked response is spilled to a temporary file next to the output as it is read, only its
+    (offset, length) is held, and once the pass is over each record is assembled from the spill file, one at a
+    time, in the order its last response was read (for contiguous groups: the input's question order)."""
+    offsets = {key: [None] * len(rec["responses"]) for key, rec in kept.items()}
+    missing = {key: len(rec["responses"]) for key, rec in kept.items()}
+    order = []  # keys in the order their last picked response was read
+    with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(output))) as spill:
         for fi, line_no, row in iter_raw_rows(inputs, MalformedCounter(), wanted):
             key, slot = wanted[fi][line_no]
-            rec = kept[key]
-            rec["responses"][slot] = parse_row(row)[1][1]
-            if all(r is not None for r in rec["responses"]):
-                f.write(json.dumps(kept.pop(key)) + "\n")
-    assert not kept, "second pass missed responses"
+            data = parse_row(row)[1][1].encode("utf-8")
+            offsets[key][slot] = (spill.tell(), len(data))
+            spill.write(data)
+            missing[key] -= 1
+            if missing[key] == 0:
+                order.append(key)
+        assert len(order) == len(kept), "second pass missed responses"
+        with open(output + ".tmp", "w") as f:
+            for key in order:
+                rec = kept.pop(key)
+                for slot, (offset, length) in enumerate(offsets.pop(key)):
+                    spill.seek(offset)
+                    rec["responses"][slot] = spill.read(length).decode("utf-8")
+                f.write(json.dumps(rec) + "\n")
     os.replace(output + ".tmp", output)
 
 
