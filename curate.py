@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import random
+import sys
+import tempfile
 from collections import Counter
 
 import cli
@@ -96,18 +98,27 @@ def parse_row(row):
 # --------------------------------------------------------------------------- curation
 
 def _vote(job):
-    """Pool worker: (answers, true_answer | None) -> (gold, rewards, gold_correct | None)."""
-    from reward import answers_equivalent, majority_vote
+    """Worker: (answers, true_answer | None) -> (gold, rewards, gold_correct | None, string-only comparisons,
+    comparisons past the vote's time budget) -- the last two: reward.STATS counts of this vote."""
+    from reward import STATS, answers_equivalent, majority_vote
     answers, truth = job
-    gold, rewards = majority_vote(answers)
-    return gold, rewards, None if truth is None or gold is None else answers_equivalent(gold, truth)
+    before = STATS.copy()
+    gold, rewards = majority_vote(answers)  # reward.VOTE_BUDGET_SECONDS per question
+    correct = None if truth is None or gold is None else answers_equivalent(gold, truth)
+    return (gold, rewards, correct, STATS["string_only"] - before["string_only"],
+            STATS["over_budget"] - before["over_budget"])
+
+
+class WorkerDied(RuntimeError):
+    """A voting process died (killed: the OOM killer, a signal); the CLI prints it as one line, exit 1."""
 
 
 def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5, seed=0, workers=1):
     """Raw rows -> curated JSONL (one record per question) + <output>.report.json; returns the report.
 
     1. read rows (parse_row), group math rows by whitespace-normalised question text (_group_rows);
-    2. answers = extract_answer(response); gold, rewards = majority_vote(all answers of the question)
+    2. answers = vote_answer(response) (the boxes after the last </think> joined ", " -- several values in
+       several boxes -- else the last box); gold, rewards = majority_vote(all answers of the question)
        (math-verify equivalence clusters; equal strings short-circuit in answers_equivalent);
        agreement = |majority cluster| / #samples (unanswered samples count in the denominator) (_vote_groups);
     3. drop questions, in this order: fewer than min_samples (default group_size) samples, no boxed
@@ -115,8 +126,8 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
     4. keep group_size responses: a random subset from random.Random(f"{seed}:{question key}") over the
        samples sorted by response hash -- deterministic given the seed and the samples, not file order;
        all_positive = every kept reward > 0 (_select).
-    Two passes over the inputs (answers and line numbers first, kept responses second: _write_kept) keep memory
-    small. The output is written to <output>.tmp and renamed when complete.
+    Two passes over the inputs (answers and line numbers first, kept responses second, spilled to a temporary
+    file: _write_kept) keep memory small whatever the row order. The output is written to <output>.tmp and renamed when complete.
     """
     min_samples = group_size if min_samples is None else min_samples
     if min_samples < group_size:
@@ -136,6 +147,8 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
               "rows_read": counter.total, "rows_malformed": counter.num_malformed, "malformed": counter.reasons,
               "rows_not_math": skipped["rows_not_math"], "rows_no_domain": skipped["rows_no_domain"],
               "questions_read": len(groups), "questions_kept": num_kept, "dropped": dict(drops),
+              "comparisons_string_only": sum(v[3] for v in votes),  # degenerate answers (reward.symbolic_ok)
+              "votes_over_budget": sum(v[4] > 0 for v in votes),  # votes past reward.VOTE_BUDGET_SECONDS
               "all_positive_share": num_all_positive / num_kept if num_kept else 0.0,
               "agreement_histogram": {f"[{i / 10:.1f},{(i + 1) / 10:.1f}{']' if i == 9 else ')'}": n
                                       for i, n in enumerate(hist)}}
@@ -150,7 +163,7 @@ def curate(inputs, output, *, group_size=8, min_samples=None, min_agreement=0.5,
 def _group_rows(inputs, counter):
     """First pass: {question key: {question, samples [(response digest, answer, file index, line)], source,
     difficulty, dag}} and the counts of skipped rows; malformed rows go to counter."""
-    from reward import extract_answer
+    from reward import vote_answer
     groups, skipped = {}, Counter()
     for fi, line_no, row in iter_raw_rows(inputs, counter):
         reason, parsed = parse_row(row)
@@ -166,7 +179,7 @@ def _group_rows(inputs, counter):
                                         "difficulty": difficulty, "dag": dag})
             g["question"] = min(g["question"], question)  # a deterministic variant when rows differ in spacing
             digest = hashlib.sha1(response.encode()).digest()[:8]
-            g["samples"].append((digest, extract_answer(response), fi, line_no))
+            g["samples"].append((digest, vote_answer(response), fi, line_no))
     return groups, skipped
 
 
@@ -184,9 +197,15 @@ def _vote_groups(groups, min_samples, workers, drops):
             truth = None if g["dag"] is None else _true_answer(g["dag"])
             jobs.append((key, ([s[1] for s in g["samples"]], truth)))
     if workers > 1:  # math-verify is the cost; equal strings never reach it (answers_equivalent)
-        import multiprocessing
-        with multiprocessing.Pool(workers) as pool:
-            votes = pool.map(_vote, [j for _, j in jobs], chunksize=max(1, len(jobs) // (8 * workers)))
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        try:  # (multiprocessing.Pool.map waits forever for the results of a worker the OOM killer took)
+            with ProcessPoolExecutor(workers) as pool:
+                votes = list(pool.map(_vote, [j for _, j in jobs], chunksize=max(1, len(jobs) // (8 * workers))))
+        except BrokenProcessPool:
+            raise WorkerDied(f"a voting worker died (killed, e.g. by the out-of-memory killer) while voting on "
+                             f"{len(jobs)} questions; nothing written: rerun with fewer --workers or more "
+                             "memory") from None
     else:
         votes = [_vote(j) for _, j in jobs]
     return jobs, votes
@@ -198,7 +217,7 @@ def _select(groups, jobs, votes, num_inputs, *, group_size, min_agreement, seed,
     agreement histogram [10], gold correctness {"voted": [...], "kept": [...]} where the truth is known)."""
     kept, hist, gold_correct = {}, [0] * 10, {"voted": [], "kept": []}
     wanted = [dict() for _ in range(num_inputs)]
-    for (key, _), (gold, rewards, correct) in zip(jobs, votes):
+    for (key, _), (gold, rewards, correct, _, _) in zip(jobs, votes):
         g = groups[key]
         if gold is None:
             drops["tie"] += 1
@@ -227,16 +246,31 @@ def _select(groups, jobs, votes, num_inputs, *, group_size, min_agreement, seed,
 
 
 def _write_kept(inputs, output, kept, wanted):
-    """Second pass: fetch the kept responses and write each question's record once it is complete, to
-    <output>.tmp, renamed to output at the end. Empties `kept`."""
-    with open(output + ".tmp", "w") as f:
+    """Second pass: fetch the kept responses and write the records to <output>.tmp, renamed to output at the end.
+    Empties `kept`. Memory stays bounded whatever the row order (a question's samples may be spread over the
+    whole file): each picked response is spilled to a temporary file next to the output as it is read, only its
+    (offset, length) is held, and once the pass is over each record is assembled from the spill file, one at a
+    time, in the order its last response was read (for contiguous groups: the input's question order)."""
+    offsets = {key: [None] * len(rec["responses"]) for key, rec in kept.items()}
+    missing = {key: len(rec["responses"]) for key, rec in kept.items()}
+    order = []  # keys in the order their last picked response was read
+    with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(output))) as spill:
         for fi, line_no, row in iter_raw_rows(inputs, MalformedCounter(), wanted):
             key, slot = wanted[fi][line_no]
-            rec = kept[key]
-            rec["responses"][slot] = parse_row(row)[1][1]
-            if all(r is not None for r in rec["responses"]):
-                f.write(json.dumps(kept.pop(key)) + "\n")
-    assert not kept, "second pass missed responses"
+            data = parse_row(row)[1][1].encode("utf-8")
+            offsets[key][slot] = (spill.tell(), len(data))
+            spill.write(data)
+            missing[key] -= 1
+            if missing[key] == 0:
+                order.append(key)
+        assert len(order) == len(kept), "second pass missed responses"
+        with open(output + ".tmp", "w") as f:
+            for key in order:
+                rec = kept.pop(key)
+                for slot, (offset, length) in enumerate(offsets.pop(key)):
+                    spill.seek(offset)
+                    rec["responses"][slot] = spill.read(length).decode("utf-8")
+                f.write(json.dumps(rec) + "\n")
     os.replace(output + ".tmp", output)
 
 
@@ -254,6 +288,8 @@ def format_report(report):
     lines.append(f"questions read {report['questions_read']}, kept {report['questions_kept']}, dropped "
                  + ", ".join(f"{r} {n}" for r, n in report["dropped"].items()))
     lines.append(f"all-positive groups {report['all_positive_share']:.1%} of kept")
+    lines.append(f"grading budget: {report['comparisons_string_only']} comparisons of degenerate answers as strings "
+                 f"only, {report['votes_over_budget']} votes past their time budget")
     lines.append("agreement (questions with a majority):")
     top = max(report["agreement_histogram"].values()) or 1
     lines += [f"  {b:<10} {n:>6} {'#' * round(40 * n / top)}" for b, n in report["agreement_histogram"].items()]
@@ -283,6 +319,8 @@ def main(argv=None):
                         min_agreement=args.min_agreement, seed=args.seed, workers=args.workers)
     except DataError as e:
         cli.fail(command, e)
+    except WorkerDied as e:
+        sys.exit(f"{command}: error: {e}")
     print(format_report(report))
     print(f"wrote {args.output} and {args.output}.report.json")
 

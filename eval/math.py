@@ -1,7 +1,8 @@
-"""Math evaluation: sample n responses per problem, grade the last \\boxed{} answer, report metrics.
+"""Math evaluation: sample n responses per problem, grade the final \\boxed{} answer, report metrics.
 
     python -m eval.math --model DIR --data FILE.jsonl --n 64 --temperature 0.6 --top-p 0.95 \\
-        --max-new-tokens 32768 --out DIR [--batch-size B] [--backend hf|vllm] [--seed S] [--limit L]
+        --max-new-tokens 32768 --out DIR [--batch-size B | --max-batch-tokens T] [--backend hf|vllm] [--seed S]
+        [--limit L]
     python -m eval.math --model DIR1 DIR2 ... --out OUT1 OUT2 ... [same options]
         several models in one process, one after the other, on the same data and settings (saves the
         start-up per model; each model's samples are what a run of its own would give)
@@ -10,13 +11,21 @@ Input: JSONL records with "problem" and "answer", optionally "id" (default: the 
 (a synthetic.Problem dict: adds process-verified accuracy) and "k" (difficulty: adds a per-k table).
 Prompt: the model's chat template over one user turn, problem + BOXED_INSTRUCTION (--no-instruction
 for models trained on bare questions, like the tiny lab's).
+Grading (--answer-from, default after-think, what reasoning evaluations use): the answer is the last \\boxed{}
+after the last </think>; a sample whose <think> (in its text, or opened by the chat template's generation
+prompt) never closes, or that is cut off at --max-new-tokens before its end-of-turn, has no answer and is wrong;
+an output without a thinking block is graded on its whole text. --answer-from whole: the last \\boxed{} of the
+whole text, truncated or not (the training rewards' reading). summary.json's "truncated" is the cut-off share.
 
 Output in --out:
     samples.jsonl   one line per sample, written a whole problem at a time as problems finish:
                     id, sample, text, answer (extracted), gold, correct, length (generated tokens incl.
                     the end-of-turn token), truncated (no end-of-turn within max_new_tokens)
                     [, process_frac, process_ok] [, k]
-    settings.json   the sampling settings; a resumed run must use the same ones
+    settings.json   what produced the samples: the sampling settings, the model (directory + inputs.model_hash:
+                    config.json and the weight files' names, sizes and sampled blocks), the backend, the data
+                    file (path + sha256); a resumed run must match them all (refused in one line naming
+                    what changed), or --restart deletes the directory's samples and starts afresh
     summary.json    eval.metrics.summarize over the problems of this data file (percentages)
 Resumable: problems with all n samples in samples.jsonl are skipped; lines of a partially written
 problem are dropped and the problem is generated again.
@@ -28,12 +37,12 @@ sampling defaults (top_k, repetition_penalty, ...) are overridden with neutral v
 
 Bad input (cli.py's convention: one line `eval.math: error: ...` on stderr, exit status 2, nothing written),
 all checked before any model is loaded or any --out directory is made: --n < 1, --temperature < 0,
---top-p outside (0, 1], --max-new-tokens / --batch-size / --limit < 1, one --out per --model (all different);
+--top-p outside (0, 1], --max-new-tokens / --batch-size / --max-batch-tokens / --limit < 1, one --out per --model (all different);
 a missing --data file, a line that is not UTF-8 or not a JSON object, a record without "problem" (a string)
 or "answer", duplicate ids (file:line each), no records; a --model that is not a directory holding
 config.json (valid JSON), weights (model.safetensors / pytorch_model.bin, or their .index.json) and a
 tokenizer with a chat template; an --out that cannot be made or written, or whose settings.json holds other
-settings. Context length: when the longest prompt + --max-new-tokens exceeds the model's positions
+settings, another model or other data (without --restart). Context length: when the longest prompt + --max-new-tokens exceeds the model's positions
 (config.json's max_position_embeddings, times the factor of a yarn / linear / dynamic rope_scaling), the run
 is REFUSED with the largest --max-new-tokens that fits (not capped: settings.json and every sample then keep
 the value asked for).
@@ -48,12 +57,15 @@ import zlib
 from pathlib import Path
 
 import cli
-from eval.inputs import InputError, check_model_dir, load_records, max_positions  # noqa: F401 (load_records)
+from eval.inputs import (InputError, check_model_dir, file_sha256, load_records, max_positions,  # noqa: F401
+                         model_hash)  # (file_sha256, model_hash, load_records: re-exported for the tests)
 from eval.metrics import summarize
-from reward import extract_answer, score
+from eval.resume import check_settings, identity, load_finished, model_dir_of
+from reward import ANSWER_FROM, final_text, grade_answer
 
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruction")
+SETTINGS_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed", "instruction", "answer_from", "model", "model_hash",
+                 "backend", "data", "data_hash")
 
 
 # --- records and prompts ------------------------------------------------------------------------
@@ -104,71 +116,46 @@ def generate_hf(model, tokenizer, prompts: list[str], *, temperature: float, top
 
 def generate_vllm(llm, tokenizer, prompts: list[str], *, temperature: float, top_p: float,
                   max_new_tokens: int, seeds: list[int]) -> list[tuple[str, int, bool]]:
-    """vLLM generation, one request per prompt with its own seed."""
+    """vLLM generation, one request per prompt with its own seed. The prompts go in as token ids, tokenized
+    like the HF path and the length check (add_special_tokens=False): a text prompt would get the tokenizer's
+    special tokens added again (a double BOS for templates that already emit one: Llama-3, R1-Distill-Llama)."""
     from vllm import SamplingParams
 
     params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                              max_tokens=max_new_tokens, seed=s) for s in seeds]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
     return [(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "length")
             for o in outputs]
 
 
-# --- resumption ---------------------------------------------------------------------------------
-
-def _load_finished(samples_path: Path, n: int) -> dict[str, list[dict]]:
-    """Problems with all n samples in samples.jsonl; rewrites the file without any other lines
-    (a partially written problem, or a torn last line after a crash)."""
-    if not samples_path.exists():
-        return {}
-    by_id: dict[str, dict[int, dict]] = {}
-    lines = samples_path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                continue  # torn last line
-            raise InputError(f"{samples_path}:{i + 1}: not valid JSON ({e.msg}); only a torn last line is dropped "
-                             "on resumption: repair the file or use another --out directory") from None
-        if not isinstance(s, dict) or "id" not in s or "sample" not in s:
-            raise InputError(f"{samples_path}:{i + 1}: not a sample record (id, sample, ...); repair the file or "
-                             "use another --out directory")
-        by_id.setdefault(s["id"], {})[s["sample"]] = s
-    finished = {pid: [got[j] for j in range(n)] for pid, got in by_id.items() if set(got) == set(range(n))}
-    kept = [s for pid in finished for s in finished[pid]]
-    if len(kept) != len(lines):
-        samples_path.write_text("".join(json.dumps(s) + "\n" for s in kept))
-    return finished
-
-
-def _check_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
-    """InputError when out_dir's settings.json holds other settings (or is not JSON); else write it (write=True)
-    if it is not there yet."""
-    path = out_dir / "settings.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not valid JSON ({e}); use another --out directory") from None
-        if not isinstance(old, dict):
-            raise InputError(f"{path}: expected a JSON object, got {type(old).__name__}; use another --out directory")
-        if old != settings:
-            diff = ", ".join(f"{k} {old.get(k)!r} (this run: {settings[k]!r})" for k in settings
-                             if old.get(k) != settings[k])
-            raise InputError(f"{out_dir} holds samples made with other settings: {diff}. Use another --out "
-                             "directory.")
-    elif write:
-        path.write_text(json.dumps(settings, indent=1) + "\n")
-
-
 # --- evaluation ---------------------------------------------------------------------------------
 
-def grade(rec: dict, sample: int, text: str, length: int, truncated: bool) -> dict:
-    """One samples.jsonl record."""
-    out = {"id": rec["id"], "sample": sample, "text": text, "answer": extract_answer(text),
-           "gold": str(rec["answer"]), "correct": score(text, str(rec["answer"])) == 1.0,
-           "length": length, "truncated": truncated}
+DEFAULT_BATCH_TOKENS = 262_144  # HF: KV-cache tokens per generate() call (a 7B's 56 KiB/token: 14 GiB)
+
+
+def default_batch_size(tokenizer, prompts: list[str], pending: int, *, backend: str, max_new_tokens: int,
+                       max_batch_tokens: int) -> int:
+    """Sequences per generate() call when --batch-size is not given. vllm: every pending sample in one call
+    (continuous batching refills the slots of finished sequences; per-problem batches would leave them idle).
+    hf: as many as fit a KV cache of max_batch_tokens tokens at the longest prompt + max_new_tokens,
+        batch = max(1, max_batch_tokens // (longest prompt + max_new_tokens))
+    (a 7B at 31,744 new tokens: 8 sequences; 64 would hold ~117 GB of KV cache)."""
+    if backend == "vllm" or not prompts:
+        return max(1, pending)
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    return max(1, max_batch_tokens // (longest + max_new_tokens))
+
+
+def grade(rec: dict, sample: int, text: str, length: int, truncated: bool, *, answer_from: str = "after-think",
+          think_open: bool = False) -> dict:
+    """One samples.jsonl record: the answer is reward.grade_answer of reward.final_text (after-think: the text
+    after the last </think>; none when the thinking never closed or the sample was cut off): its last \\boxed{},
+    or its boxes joined as the gold lists its values ("x = \\boxed{1} and x = \\boxed{-2}" vs gold 1,-2)."""
+    final = final_text(text, truncated=truncated, answer_from=answer_from, think_open=think_open)
+    answer, correct = grade_answer(final, str(rec["answer"]))
+    out = {"id": rec["id"], "sample": sample, "text": text, "answer": answer, "gold": str(rec["answer"]),
+           "correct": correct, "length": length, "truncated": truncated}
     if "dag" in rec:
         import synthetic  # the tiny lab's task; only needed for its problems
 
@@ -180,26 +167,39 @@ def grade(rec: dict, sample: int, text: str, length: int, truncated: bool) -> di
 
 
 def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: float, top_p: float,
-             max_new_tokens: int, batch_size: int, out_dir, seed: int = 0,
-             instruction: str = BOXED_INSTRUCTION, backend: str = "hf") -> dict:
+             max_new_tokens: int, out_dir, batch_size: int | None = None,
+             max_batch_tokens: int = DEFAULT_BATCH_TOKENS, seed: int = 0,
+             instruction: str = BOXED_INSTRUCTION, backend: str = "hf", model_dir=None, data_path=None,
+             restart: bool = False, answer_from: str = "after-think") -> dict:
     """Generate n samples per record (skipping finished problems), grade, write samples.jsonl and
     summary.json in out_dir, and return the summary. model: a HF causal LM, or a vllm.LLM when
-    backend == "vllm". records: load_records() output (unique string ids)."""
+    backend == "vllm". records: load_records() output (unique string ids). model_dir (default: the model's
+    own name_or_path when it is a directory) and data_path (the file the records came from) go into
+    settings.json with their hashes (identity()); restart=True deletes out_dir's samples, summary and settings
+    first instead of resuming. batch_size: sequences per generate() call, None = default_batch_size. answer_from: reward.final_text's mode (after-think: a reasoning model's answer
+    follows its last </think>; a prompt whose template opens <think> counts as an opened block)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                    instruction=instruction)
-    _check_settings(out_dir, settings)
+                    instruction=instruction, answer_from=answer_from,
+                    **identity(model_dir or model_dir_of(model), backend, data_path))
+    if restart:
+        for name in ("samples.jsonl", "summary.json", "settings.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    check_settings(out_dir, settings)
     samples_path = out_dir / "samples.jsonl"
-    finished = _load_finished(samples_path, n)
+    finished = load_finished(samples_path, n)
     pending = [r for r in records if r["id"] not in finished]
     print(f"eval: {len(records) - len(pending)} of {len(records)} problems already done, "
           f"{len(pending)} to generate ({len(pending) * n} samples)", flush=True)
 
     work = [(r, s) for r in pending for s in range(n)]  # one entry per sample to generate
     prompts = {r["id"]: build_prompt(tokenizer, r["problem"], instruction) for r in pending}
+    if batch_size is None:
+        batch_size = default_batch_size(tokenizer, list(prompts.values()), len(work), backend=backend,
+                                        max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens)
     buffer: dict[str, list] = {r["id"]: [None] * n for r in pending}
     with open(samples_path, "a") as f, tqdm(total=len(work), desc="eval", unit="sample") as bar:
         for start in range(0, len(work), batch_size):
@@ -215,7 +215,9 @@ def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: floa
             else:
                 raise ValueError(f"unknown backend {backend!r} (hf or vllm)")
             for (rec, s), (text, length, truncated) in zip(chunk, outs):
-                buffer[rec["id"]][s] = grade(rec, s, text, length, truncated)
+                prompt = prompts[rec["id"]]
+                buffer[rec["id"]][s] = grade(rec, s, text, length, truncated, answer_from=answer_from,
+                                             think_open=prompt.rfind("<think>") > prompt.rfind("</think>"))
                 if all(x is not None for x in buffer[rec["id"]]):  # write a problem only when whole
                     f.write("".join(json.dumps(x) + "\n" for x in buffer.pop(rec["id"])))
                     f.flush()
@@ -245,13 +247,24 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=31744,
                     help="prompt + max-new-tokens must fit the model's positions (31744: the 7B's 32768 less 1024)")
-    ap.add_argument("--batch-size", type=int, default=64,
-                    help="sequences per generate() call (vllm: use a large value, e.g. all samples)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per generate() call (default: hf, what fits --max-batch-tokens; vllm, every "
+                         "pending sample in one call)")
+    ap.add_argument("--max-batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                    help="hf without --batch-size: KV-cache tokens per call, (longest prompt + max-new-tokens) x "
+                         "batch (262144: 14 GiB for a 7B at 56 KiB per token)")
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="only the first L problems")
     ap.add_argument("--no-instruction", action="store_true",
                     help="prompt with the bare problem (models trained without the boxed instruction)")
+    ap.add_argument("--answer-from", choices=ANSWER_FROM, default="after-think",
+                    help="after-think (reasoning models): the answer is the last \\boxed{} after the last </think>; "
+                         "a sample whose <think> never closes or that is cut off before its end-of-turn has none "
+                         "(wrong); no thinking block: the whole text. whole: the last \\boxed{} of the whole text")
+    ap.add_argument("--restart", action="store_true",
+                    help="delete each --out's samples, summary and settings and start afresh (default: resume, "
+                         "refused when settings.json names other settings, another model or other data)")
     a = ap.parse_args(argv)
     instruction = "" if a.no_instruction else BOXED_INSTRUCTION
     records, configs = _check_inputs(a, instruction)
@@ -279,8 +292,10 @@ def main(argv=None) -> list[dict]:
         print(f"eval: {model_dir} on {where}", flush=True)
         try:
             summary = evaluate(model, tokenizer, records, n=a.n, temperature=a.temperature, top_p=a.top_p,
-                               max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, out_dir=out_dir,
-                               seed=a.seed, instruction=instruction, backend=a.backend)
+                               max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                               max_batch_tokens=a.max_batch_tokens, out_dir=out_dir,
+                               seed=a.seed, instruction=instruction, backend=a.backend, model_dir=model_dir,
+                               data_path=a.data, restart=a.restart, answer_from=a.answer_from)
         except InputError as e:  # a corrupt samples.jsonl of an earlier run
             cli.fail("eval.math", e)
         print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
@@ -306,7 +321,8 @@ def _check_inputs(a, instruction: str) -> tuple[list[dict], list[dict]]:
         bad(f"--temperature {a.temperature:g}: must be >= 0 (0 = greedy)")
     if not 0 < a.top_p <= 1:
         bad(f"--top-p {a.top_p:g}: must be in (0, 1]")
-    for flag, value in (("--max-new-tokens", a.max_new_tokens), ("--batch-size", a.batch_size), ("--limit", a.limit)):
+    for flag, value in (("--max-new-tokens", a.max_new_tokens), ("--batch-size", a.batch_size),
+                        ("--max-batch-tokens", a.max_batch_tokens), ("--limit", a.limit)):
         if value is not None and value < 1:
             bad(f"{flag} {value}: must be >= 1")
     if not os.path.isfile(a.data):
@@ -317,13 +333,15 @@ def _check_inputs(a, instruction: str) -> tuple[list[dict], list[dict]]:
         if not records:
             bad(f"--data {a.data}: no records (give a JSONL file of problem/answer records)")
         configs = [check_model_dir(d) for d in a.model]
-        settings = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                        seed=a.seed, instruction=instruction)
-        for out in a.out:
+        for model_dir, out in zip(a.model, a.out):
             why = cli.unwritable(out, directory=True)
             if why:
                 bad(f"--out {out}: cannot be written: {why}")
-            _check_settings(Path(out), settings, write=False)
+            settings = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                            seed=a.seed, instruction=instruction, answer_from=a.answer_from,
+                            **identity(model_dir, a.backend, a.data))
+            if not a.restart:
+                check_settings(Path(out), settings, write=False)
     except InputError as e:
         bad(e)
     return records, configs

@@ -4,14 +4,20 @@
     python -m eval.table runs/base/aime24/summary.json runs/bias05/aime24/summary.json ... --out results.md
 
 Arguments are summary.json files or directories (searched recursively for summary.json). Names come
-from the path:  <variant>/<benchmark>/summary.json,  or  <variant>/<benchmark>/seed<S>/summary.json
-for several seeds of one (variant, benchmark). With several summaries per cell the cell shows
-mean ± std (sample standard deviation over seeds) and the JSON keeps every value.
+from the path:  <row>/<benchmark>/summary.json,  or  <row>/<benchmark>/seed<S>/summary.json
+for several seeds of one (row, benchmark); a directory named `eval` between them is skipped, so the
+README's layout runs/<model>/eval/<benchmark>/ gives one row per model (and the tiny lab's
+runs/tiny/eval/<variant>/<benchmark>/seed<S>/ one per variant). With several summaries per cell the cell
+shows mean ± std (sample standard deviation over seeds) and the JSON keeps every value. Two summaries that
+claim the same (row, benchmark) are refused unless they are distinct seed<S> directories of one cell
+directory (two models would otherwise be averaged, their gap shown as seed spread).
 The "Avg." column is the mean over benchmarks of a row's cell means (only when the row is complete).
+When the summaries hold "truncated" (eval.math's share of samples cut off at --max-new-tokens, which have no
+answer), a second table shows it per (row, benchmark) and the JSON cells carry it.
 A PNG bar chart (results.png next to --out) is drawn when matplotlib is installed.
 
 Bad input (cli.py's convention: one line `eval.table: error: ...`, exit status 2, nothing written): a path that
-does not exist, no summary.json found, a summary that is not UTF-8 JSON (file:line) or not an object, one
+does not exist, no summary.json found, two summaries claiming one cell (not seed<S> directories of it), a summary that is not UTF-8 JSON (file:line) or not an object, one
 without --metric or whose --metric is not a number (the message lists the numeric keys it has), an --out or
 --json that cannot be written (checked after the inputs; their missing directories are made once all checks pass).
 """
@@ -42,20 +48,33 @@ def find_summaries(paths) -> list[Path]:
             found.append(p)
         else:
             raise TableError(f"{p}: no such file or directory (give summary.json files or directories holding them)")
-    return found
+    seen: set[Path] = set()  # a file named twice (as itself and inside a directory) counts once
+    return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+LAYOUT_DIR = "eval"  # runs/<model>/eval/<benchmark>: the row is <model>, not "eval"
 
 
 def names_of(path: Path) -> tuple[str, str]:
-    """(variant, benchmark) of a summary path, skipping a seed<S> directory."""
+    """(row, benchmark) of a summary path, skipping a seed<S> directory and an `eval` directory."""
+    d = _cell_dir(path)
+    row = d.parent
+    if row.name == LAYOUT_DIR and row.parent.name:
+        row = row.parent
+    return row.name, d.name
+
+
+def _cell_dir(path: Path) -> Path:
+    """The (row, benchmark) directory of a summary: its parent, or the parent of its seed<S> directory."""
     d = path.parent
-    if SEED_DIR.fullmatch(d.name):
-        d = d.parent
-    return d.parent.name, d.name
+    return d.parent if SEED_DIR.fullmatch(d.name) else d
 
 
-def collect(paths, metric: str) -> dict[str, dict[str, list[float]]]:
-    """{variant: {benchmark: [metric value per seed]}}, in order of first appearance."""
+def collect(paths, metric: str, truncated: dict | None = None) -> dict[str, dict[str, list[float]]]:
+    """{variant: {benchmark: [metric value per seed]}}, in order of first appearance; `truncated` (when given)
+    is filled the same way with the summaries' "truncated" share (samples cut off at --max-new-tokens)."""
     cells: dict[str, dict[str, list[float]]] = {}
+    claims: dict[tuple[str, str], list[Path]] = {}  # (row, benchmark) -> its summary paths
     for path in find_summaries(paths):
         summary = read_summary(path)
         numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -64,10 +83,25 @@ def collect(paths, metric: str) -> dict[str, dict[str, list[float]]]:
                     f"metric {metric!r} is a {type(summary[metric]).__name__}, not a number")
             raise TableError(f"{path}: {what} (--metric: one of {', '.join(numeric) or 'none'})")
         variant, bench = names_of(path)
+        _claim(claims.setdefault((variant, bench), []), path, variant, bench)
         cells.setdefault(variant, {}).setdefault(bench, []).append(float(summary[metric]))
+        if truncated is not None and isinstance(summary.get("truncated"), (int, float)):
+            truncated.setdefault(variant, {}).setdefault(bench, []).append(float(summary["truncated"]))
     if not cells:
         raise TableError(f"no summary.json under {', '.join(map(str, paths))}")
     return cells
+
+
+def _claim(others: list[Path], path: Path, row: str, bench: str) -> None:
+    """Add path to the summaries of cell (row, bench); TableError unless every one of them is a distinct
+    seed<S> directory of the same cell directory."""
+    for other in others:
+        if not (SEED_DIR.fullmatch(path.parent.name) and SEED_DIR.fullmatch(other.parent.name)
+                and _cell_dir(path).resolve() == _cell_dir(other).resolve() and path.parent.name != other.parent.name):
+            raise TableError(f"{other} and {path} both claim row {row!r}, benchmark {bench!r} (only seed<S> "
+                             "directories of one cell are averaged); give the runs distinct directory names "
+                             "(runs/<model>/eval/<benchmark>) or tabulate them separately")
+    others.append(path)
 
 
 def read_summary(path: Path) -> dict:
@@ -100,16 +134,18 @@ def _fmt(stats: dict | None) -> str:
     return f"{stats['mean']:.1f}"
 
 
-def make_table(cells: dict[str, dict[str, list[float]]], metric: str) -> tuple[str, dict]:
-    """Markdown table text and its JSON form {variant: {benchmark: cell_stats, "Avg.": ...}}."""
+def make_table(cells: dict[str, dict[str, list[float]]], metric: str,
+               truncated: dict[str, dict[str, list[float]]] | None = None) -> tuple[str, dict]:
+    """Markdown table text and its JSON form {variant: {benchmark: cell_stats, "Avg.": ...}}. With `truncated`
+    (collect's), each cell's JSON gets "truncated" (mean share over seeds, %) and a second table shows it."""
     benches: list[str] = []
     for row in cells.values():
         benches += [b for b in row if b not in benches]
     stats = {v: {b: cell_stats(row[b]) for b in benches if b in row} for v, row in cells.items()}
     with_avg = len(benches) > 1
     header = ["Model"] + benches + (["Avg."] if with_avg else [])
-    lines = [f"{metric} (%)", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+    rule = lambda cols: "|" + "|".join([" --- "] + [" ---: "] * (cols - 1)) + "|"
+    lines = [f"{metric} (%)", "", "| " + " | ".join(header) + " |", rule(len(header))]
     for variant, row in stats.items():
         cols = [_fmt(row.get(b)) for b in benches]
         if with_avg:
@@ -117,6 +153,14 @@ def make_table(cells: dict[str, dict[str, list[float]]], metric: str) -> tuple[s
                 row["Avg."] = {"mean": statistics.fmean(row[b]["mean"] for b in benches)}  # of the means
             cols.append(_fmt(row.get("Avg.")))
         lines.append("| " + " | ".join([variant] + cols) + " |")
+    if truncated:
+        lines += ["", "truncated (% of samples cut off at --max-new-tokens)", "",
+                  "| " + " | ".join(["Model"] + benches) + " |", rule(len(benches) + 1)]
+        for variant, row in stats.items():
+            for b in truncated.get(variant, {}):
+                row[b]["truncated"] = statistics.fmean(truncated[variant][b])
+            lines.append("| " + " | ".join([variant] + [f"{row[b]['truncated']:.1f}" if "truncated" in row.get(b, {})
+                                                        else "–" for b in benches]) + " |")
     return "\n".join(lines) + "\n", stats
 
 
@@ -154,15 +198,16 @@ def main(argv=None) -> str:
     ap.add_argument("--json", help="also write the table's numbers as JSON")
     ap.add_argument("--metric", default="avg@n", help="summary key to tabulate: avg@n, maj@n, pass@1, ...")
     a = ap.parse_args(argv)
+    truncated: dict = {}
     try:  # the inputs first: a missing run is the error a user needs before an output directory
-        cells = collect(a.paths, a.metric)
+        cells = collect(a.paths, a.metric, truncated)
     except TableError as e:
         cli.fail("eval.table", e)
     for flag, path in (("--out", a.out), ("--json", a.json)):
         why = path and cli.unwritable(path, parents=True)
         if why:
             cli.fail("eval.table", f"{flag} {path}: cannot be written: {why}")
-    table, stats = make_table(cells, a.metric)
+    table, stats = make_table(cells, a.metric, truncated)
     out = Path(a.out)
     for path in (a.out, a.json):  # every check passed: make the outputs' directories
         if path:

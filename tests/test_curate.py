@@ -7,7 +7,7 @@ import pytest
 import curate
 import synthetic
 from data import read_records
-from reward import answers_equivalent, extract_answer
+from reward import answers_equivalent, extract_answer, majority_vote
 
 
 def write_jsonl(path, rows):
@@ -129,3 +129,123 @@ def test_curate_synthetic_majority_accuracy(tmp_path):
     assert report["majority_accuracy"] == {"voted": 0.5, "kept": 0.5}
     assert recs[p1.question]["dag"] == p1.to_dict() and recs[p2.question]["gold"] == wrong2
     assert recs[p2.question]["agreement"] == 0.625
+
+
+def test_curation_votes_on_the_joined_boxes(tmp_path):
+    """16 teacher rows: 6 box the two roots separately, 4 box them together (other order), 6 say 3. Joined, the
+    roots win 10 to 6; read by the last box alone it was a 6 : 6 tie and the question was dropped."""
+    texts = (["<think>\nroots \\boxed{7}?\n</think>\nx = \\boxed{1} and x = \\boxed{-2}"] * 6
+             + ["<think>\nroots\n</think>\n\\boxed{-2, 1}"] * 4 + ["<think>\nhm\n</think>\n\\boxed{3}"] * 6)
+    rows = [{"conversations": [{"from": "human", "value": "Solve x^2 + x - 2 = 0."},
+                               {"from": "gpt", "value": t + f" ({i})"}], "domain": "math"} for i, t in enumerate(texts)]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = curate.curate([str(tmp_path / "raw.jsonl")], str(tmp_path / "out.jsonl"), group_size=8, seed=0)
+    (rec,) = read_records(tmp_path / "out.jsonl")
+    assert report["questions_kept"] == 1 and rec["agreement"] == 10 / 16
+    assert answers_equivalent(rec["gold"], "1,-2")
+    assert rec["rewards"] == [0.0 if r.startswith("<think>\nhm") else 1.0 for r in rec["responses"]]
+    old = majority_vote([extract_answer(t) for t in texts])
+    assert old == (None, [0.0] * 16)  # the last box alone: -2 x 6 vs 3 x 6
+
+
+def test_a_killed_worker_fails_the_run_instead_of_hanging(tmp_path):
+    """A voting worker SIGKILLed mid-run (the OOM killer): curate.py stops with one line, exit 1, nothing
+    written (multiprocessing.Pool.map waited forever here)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    rows = [ot3(f"Q{q}?", boxed("KILL" if q == 5 else "1")) for q in range(12) for _ in range(8)]
+    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{repo / 'tests'}")
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "_curate_kill_worker.py"), "--input", str(inp),
+                           "--output", str(out), "--workers", "2"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("curate.py: error: a voting worker died") and "--workers" in lines[0]
+    assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists() and not Path(f"{out}.report.json").exists()
+    # the same run without the kill: all 12 questions kept
+    proc = subprocess.run([sys.executable, "curate.py", "--input", str(inp), "--output", str(out), "--workers", "2"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(Path(f"{out}.report.json").read_text())["questions_kept"] == 12
+
+
+def test_degenerate_answers_stay_within_the_grading_budget(tmp_path):
+    """A group whose answers include 9^{9^{9}}, a huge factorial and 2,000 nested braces: compared as strings only
+    (counted in the report), the vote takes well under one math-verify timeout (before: ~10 s per comparison
+    of 9^{9^{9}} with each other answer, 20 s for this group); the labels are those of a vote without them."""
+    import time
+
+    import reward
+    junk = [r"9^{9^{9}}", r"100000!", "{" * 2000 + "1" + "}" * 2000]
+    answers = ["12"] * 9 + [r"\frac{24}{2}"] + ["13"] * 3 + junk
+    rows = [ot3("Q?", boxed(a) + f" ({i})") for i, a in enumerate(answers)]
+    start = time.monotonic()
+    report, recs, _ = run_curate(tmp_path, rows, group_size=8, workers=1)
+    assert time.monotonic() - start < 5
+    (rec,) = recs.values()
+    assert rec["agreement"] == 10 / 16 and answers_equivalent(rec["gold"], "12")
+    assert report["comparisons_string_only"] >= 3 and report["votes_over_budget"] == 0
+    assert rec["rewards"] == [float(answers_equivalent(extract_answer(r), "12")) for r in rec["responses"]]
+    assert reward.majority_vote(answers[:13] + [None] * 3)[0] == rec["gold"]  # the vote without the junk
+    # the vote's time budget: past it, string comparisons only (counted); equal strings still agree
+    before = reward.STATS["over_budget"]
+    assert reward.majority_vote(["0.5", r"\frac12", "0.5"], budget_seconds=0.0) == ("0.5", [1.0, 0.0, 1.0])
+    assert reward.majority_vote(["0.5", r"\frac12", "0.5"], budget_seconds=None) == ("0.5", [1.0, 1.0, 1.0])
+    assert reward.STATS["over_budget"] - before == 2
+
+
+def test_second_pass_memory_is_bounded_whatever_the_row_order(tmp_path):
+    """200 questions x 16 rows of ~4 KB: the same records from grouped and shuffled files, and the shuffled
+    file's peak (tracemalloc) stays far below the 6.4 MB of kept responses that the second pass used to hold
+    until each question's last row (measured before: 4.5 MB of 4.8 for 2 KB rows, grouped 1.5)."""
+    import random
+    import tracemalloc
+    rows = [ot3(f"Q{q}?", boxed(str(q % 7)) + f" #{i} " + "x" * 4000) for q in range(200) for i in range(16)]
+    peaks, recs, orders = {}, {}, {}
+    for name, rs in [("grouped", rows), ("shuffled", random.Random(0).sample(rows, len(rows)))]:
+        inp, out = write_jsonl(tmp_path / f"{name}.jsonl", rs), tmp_path / f"{name}.out.jsonl"
+        tracemalloc.start()
+        curate.curate([str(inp)], str(out), group_size=8)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        recs[name] = {r["question"]: r for r in read_records(out)}
+        orders[name] = list(recs[name])
+    assert recs["grouped"] == recs["shuffled"] and len(recs["grouped"]) == 200
+    assert orders["grouped"] == [f"Q{q}?" for q in range(200)]  # contiguous groups: the input's order, as before
+    kept_bytes = sum(len(r) for rec in recs["grouped"].values() for r in rec["responses"])
+    assert kept_bytes > 6_400_000 and peaks["shuffled"] < kept_bytes / 3, (peaks, kept_bytes)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]  # the spill file is gone
+
+
+def test_prepare_openthoughts_limit_counts_questions_wherever_their_rows_are(tmp_path):
+    """--limit 3 on a stream of 6 questions x 16 shuffled rows (and code rows): every row of the first 3 distinct
+    questions, in stream order, and no more of the stream read than until the third is complete; curation of
+    the result keeps 3 whole questions (the old row count, 48 rows, held pieces of 6)."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_openthoughts", Path(__file__).resolve().parents[1] / "launch" / "prepare_openthoughts.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    rows = [ot3(f"Q{q}?", boxed(str(q)) + f" #{i}") for q in range(6) for i in range(16)]
+    rows += [ot3("Code?", boxed("1"), domain="code")] * 5
+    rows = random.Random(1).sample(rows, len(rows))
+    read = []
+    stream = (read.append(r) or r for r in rows)
+    got = list(prep.keep_questions(stream, 3))
+    first3 = list(dict.fromkeys(r["conversations"][0]["value"] for r in rows if r["domain"] == "math"))[:3]
+    want = [r for r in rows if r["domain"] == "math" and r["conversations"][0]["value"] in first3]
+    assert got == want and len(got) == 48
+    assert len(read) == 1 + max(i for i, r in enumerate(rows) if r in want) < len(rows)
+    assert len(list(prep.keep_questions(iter(rows), None))) == 96  # no limit: every math row, in order
+    report, recs, _ = run_curate(tmp_path, got, group_size=8)
+    assert set(recs) == set(first3) and report["dropped"]["too_few_samples"] == 0
+    report, _, _ = run_curate(tmp_path, [r for r in rows if r["domain"] == "math"][:48], name="old.jsonl")
+    assert report["questions_read"] == 6 and report["dropped"]["too_few_samples"] >= 1  # pieces of every question

@@ -278,3 +278,250 @@ def test_table_markdown_and_json(tmp_path, capsys):
         assert "bar chart skipped: matplotlib is not installed" in printed
     table.main([str(tmp_path / "runs" / "base"), "--out", str(md), "--metric", "maj@n"])
     assert "| base | 11.0 | 51.0 | 31.0 |" in md.read_text()
+
+
+def _summary(path: Path, **values):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps(values))
+
+
+def test_table_rows_from_the_readme_layout(tmp_path):
+    """runs/<model>/eval/<benchmark>/: one row per model (not one row "eval" averaging the models); the tiny
+    lab's runs/tiny/eval/<variant>/<benchmark>/seed<S>/ one row per variant."""
+    runs = tmp_path / "runs"
+    _summary(runs / "base" / "eval" / "aime25_i", **{"avg@n": 55.0})
+    _summary(runs / "bias05" / "eval" / "aime25_i", **{"avg@n": 56.6})
+    _summary(runs / "bias05" / "eval" / "amc23", **{"avg@n": 80.0})
+    _summary(runs / "tiny" / "eval" / "sft" / "eval_id" / "seed0", **{"avg@n": 40.0})
+    _summary(runs / "tiny" / "eval" / "sft" / "eval_id" / "seed1", **{"avg@n": 50.0})
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "eval.table", str(runs), str(runs / "base"), "--out", str(md),
+                           "--json", str(js)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(js.read_text())
+    assert list(stats) == ["base", "bias05", "sft"]  # base named twice (runs/ and runs/base) counts once
+    assert stats["base"]["aime25_i"]["values"] == [55.0] and stats["bias05"]["aime25_i"]["values"] == [56.6]
+    assert stats["sft"]["eval_id"]["values"] == [40.0, 50.0]
+    assert "| base | 55.0 | – | – |" in md.read_text()
+    # README's own command: python -m eval.table runs/bias05/eval
+    assert table.collect([runs / "bias05" / "eval"], "avg@n") == {"bias05": {"aime25_i": [56.6], "amc23": [80.0]}}
+
+
+@pytest.mark.parametrize("first, second", [
+    ("a/base/eval/aime", "b/base/eval/aime"),  # two runs directories, same model name
+    ("base/aime", "base/aime/seed0"),  # a cell with and without seeds
+    ("a/base/aime/seed0", "b/base/aime/seed1"),  # seeds of two different cell directories
+])
+def test_table_refuses_two_summaries_claiming_one_cell(tmp_path, first, second):
+    _summary(tmp_path / "runs" / first, **{"avg@n": 1.0})
+    _summary(tmp_path / "runs" / second, **{"avg@n": 2.0})
+    md = tmp_path / "r.md"
+    proc = subprocess.run([sys.executable, "-m", "eval.table", str(tmp_path / "runs"), "--out", str(md)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not md.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eval.table: error: ") and "both claim row 'base'" in lines[0]
+
+
+def _eval_cli(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "eval.math", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_resume_with_another_model_or_data_is_refused(tiny_model_dir, tmp_path):
+    """evaluate() with model A into --out, then the CLI with model B (same architecture and sizes, other weights),
+    with A's directory holding new weights, and with another data file: each refused in one line naming what
+    changed, nothing written; --restart starts afresh with B's own samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(Qwen2ForCausalLM.config_class.from_pretrained(tiny_model_dir)).save_pretrained(other)
+    data = tiny_model_dir / "data.jsonl"
+    out = tmp_path / "out"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # its name_or_path names the directory
+    eval_math.evaluate(model, AutoTokenizer.from_pretrained(tiny_model_dir), eval_math.load_records(data), n=2,
+                       temperature=1.0, top_p=0.95, max_new_tokens=8, batch_size=6, out_dir=out, seed=0,
+                       data_path=data)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["model"] == str(tiny_model_dir) and settings["backend"] == "hf"
+    assert settings["model_hash"] == eval_math.model_hash(tiny_model_dir) != eval_math.model_hash(other)
+    assert settings["data"] == str(data) and settings["data_hash"] == eval_math.file_sha256(data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    common = ["--n", "2", "--temperature", "1.0", "--max-new-tokens", "8", "--batch-size", "6", "--seed", "0",
+              "--out", out]
+
+    def refused(*names, model=other, data=data):
+        proc = _eval_cli("--model", model, "--data", data, *common)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].startswith(f"eval.math: error: {out} holds samples made with other settings: ")
+        assert all(n in lines[0] for n in names), lines[0]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    refused(f"model {str(tiny_model_dir)!r} (this run: {str(other)!r})", "model_hash changed", "--restart")
+    moved = tmp_path / "moved_data.jsonl"
+    moved.write_text(data.read_text().replace("p2", "p2x"))
+    refused("data ", "data_hash changed", model=tiny_model_dir, data=moved)
+    same_dir = tmp_path / "same_dir"  # A's directory, new weights of the same sizes (hf/best replaced)
+    shutil.copytree(tiny_model_dir, same_dir)
+    _eval_cli("--model", same_dir, "--data", data, *common[:-1], tmp_path / "same_out")
+    shutil.copy(other / "model.safetensors", same_dir / "model.safetensors")
+    proc = _eval_cli("--model", same_dir, "--data", data, *common[:-1], tmp_path / "same_out")
+    assert proc.returncode == 2 and "model_hash changed" in proc.stderr and "model '" not in proc.stderr
+
+    proc = _eval_cli("--model", other, "--data", data, *common, "--restart")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0 of 3 problems already done" in proc.stdout
+    alone = tmp_path / "alone"
+    assert _eval_cli("--model", other, "--data", data, *common[:-1], alone).returncode == 0
+    assert (out / "samples.jsonl").read_text() == (alone / "samples.jsonl").read_text()  # B's own samples only
+    assert json.loads((out / "settings.json").read_text())["model"] == str(other)
+
+
+# --- grading a reasoning model's answer (after its last </think>) ---------------------------------
+
+THOUGHT = "<think>\nLet me compute. 12 * 17 = 204, so the answer is \\boxed{204}. Hmm, let me double check"
+
+
+@pytest.mark.parametrize("text, truncated, think_open, after_think, whole", [
+    (THOUGHT, True, False, False, True),  # cut off inside its thinking: no answer (whole: graded on the thought)
+    (THOUGHT, False, False, False, True),  # ended (end-of-turn) with its <think> still open
+    (THOUGHT + " ... yes.\n</think>\nThe answer is $\\boxed{204}$.", False, False, True, True),
+    (THOUGHT + "\n</think>\nSo it is \\boxed{205}.", False, False, False, False),  # final answer wins
+    (THOUGHT + "\n</think>\nI could not decide.", False, False, False, True),  # the boxed thought is no answer
+    (THOUGHT + "\n</think>\n\\boxed{204}, and then", True, False, False, True),  # cut off before its end-of-turn
+    ("12 * 17 = 204, so \\boxed{204}.", False, False, True, True),  # no thinking block: the whole text
+    ("12 * 17 = 204, so \\boxed{204}.", False, True, False, True),  # the template opened <think>: never closed
+    ("12 * 17 = 204.\n</think>\n\\boxed{204}", False, True, True, True),  # ... and closed
+    ("<think>a</think> \\boxed{7} <think> so \\boxed{204}", False, False, False, True),  # a second think, open
+])
+def test_grade_reads_the_answer_after_the_thinking(text, truncated, think_open, after_think, whole):
+    rec = {"id": "q", "answer": "204"}
+    got = eval_math.grade(rec, 0, text, 99, truncated, think_open=think_open)  # the default: after-think
+    assert got["correct"] is after_think and (got["answer"] is None) == (not after_think and "205" not in text)
+    assert eval_math.grade(rec, 0, text, 99, truncated, answer_from="whole")["correct"] is whole
+    from reward import score
+    assert whole == (score(text, "204") == 1.0)  # whole: the training rewards' reading, unchanged
+
+
+def test_evaluate_grades_truncated_thinking_as_wrong_and_shows_its_share(tokenizer, tmp_path):
+    """evaluate() with a scripted model whose second sample is cut off inside <think> after a right boxed
+    guess; with a chat template that opens <think> itself, a text without </think> has no answer."""
+    (a,) = problems = _problems(ks=(1,))
+    good = synthetic.correct_trace(a)
+    cut = good[:good.index("</think>")] + "so \\boxed{%d} Hmm" % a.answer + " wait" * 40  # > 64 tokens
+    model = ScriptedModel(tokenizer, {a.question: [good, cut]})
+    s = eval_math.evaluate(model, tokenizer, _records(problems), n=2, temperature=0.6, top_p=0.95,
+                           max_new_tokens=64, batch_size=2, out_dir=tmp_path / "a", instruction="")
+    lines = [json.loads(x) for x in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [(x["correct"], x["truncated"], x["answer"]) for x in lines] == [(True, False, str(a.answer)),
+                                                                             (False, True, None)]
+    assert s["avg@n"] == 50.0 and s["truncated"] == 50.0
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["answer_from"] == "after-think"
+    whole = eval_math.evaluate(ScriptedModel(tokenizer, {a.question: [good, cut]}), tokenizer, _records(problems),
+                               n=2, temperature=0.6, top_p=0.95, max_new_tokens=64, batch_size=2,
+                               out_dir=tmp_path / "w", instruction="", answer_from="whole")
+    assert whole["avg@n"] == 100.0  # the old reading counted the cut-off guess
+    with pytest.raises(ValueError, match="answer_from 'after-think' \\(this run: 'whole'\\)"):
+        eval_math.evaluate(model, tokenizer, _records(problems), n=2, temperature=0.6, top_p=0.95,
+                           max_new_tokens=64, batch_size=2, out_dir=tmp_path / "a", instruction="",
+                           answer_from="whole")
+
+    opened = synthetic.build_tokenizer(tmp_path / "tok")  # R1-Distill style: the generation prompt opens <think>
+    opened.chat_template = opened.chat_template.replace("assistant\\n", "assistant\\n<think>\\n") \
+        if "assistant\\n" in opened.chat_template else opened.chat_template + "<think>\n"
+    assert eval_math.build_prompt(opened, "q", "").rstrip().endswith("<think>")
+    thought = good[len("<think>\n"):]  # the model's text starts inside the block the template opened
+    scripts = {a.question: [thought, thought.replace("</think>", "")]}
+    s = eval_math.evaluate(ScriptedModel(opened, scripts), opened, _records(problems), n=2, temperature=0.6,
+                           top_p=0.95, max_new_tokens=64, batch_size=2, out_dir=tmp_path / "o", instruction="")
+    lines = [json.loads(x) for x in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
+    assert [x["correct"] for x in lines] == [True, False] and s["truncated"] == 0.0
+
+
+def test_table_shows_the_truncated_share(tmp_path):
+    _summary(tmp_path / "runs" / "base" / "eval" / "aime24", **{"avg@n": 10.0, "truncated": 12.5})
+    _summary(tmp_path / "runs" / "base" / "eval" / "amc23" / "seed0", **{"avg@n": 50.0, "truncated": 1.0})
+    _summary(tmp_path / "runs" / "base" / "eval" / "amc23" / "seed1", **{"avg@n": 52.0, "truncated": 2.0})
+    _summary(tmp_path / "runs" / "sft" / "eval" / "amc23", **{"avg@n": 60.0, "truncated": 0.0})
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    table.main([str(tmp_path / "runs"), "--out", str(md), "--json", str(js)])
+    assert md.read_text().endswith("truncated (% of samples cut off at --max-new-tokens)\n\n"
+                                   "| Model | aime24 | amc23 |\n| --- | ---: | ---: |\n"
+                                   "| base | 12.5 | 1.5 |\n| sft | – | 0.0 |\n")
+    stats = json.loads(js.read_text())
+    assert stats["base"]["amc23"]["truncated"] == 1.5 and stats["base"]["amc23"]["mean"] == 51.0
+
+
+def test_vllm_gets_the_prompt_token_ids(tokenizer, tmp_path, monkeypatch):
+    """backend=vllm hands vLLM the prompt's token ids as the HF path and the length check tokenize them
+    (add_special_tokens=False), never text (vLLM would add the special tokens again). A stand-in vllm module:
+    the real engine is exercised by tests/test_vllm.py (.ci/vllm)."""
+    import types
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos_tok = synthetic.build_tokenizer(tmp_path / "tok")  # a tokenizer that adds a BOS, like Llama-3's
+    bos = bos_tok.eos_token
+    bos_tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[
+        (bos, bos_tok.eos_token_id)])
+    bos_tok.chat_template = bos + bos_tok.chat_template  # ... and a template that emits it too
+    seen = []
+
+    class LLM:
+        def generate(self, prompts, params, use_tqdm):
+            seen.extend(prompts)
+            out = types.SimpleNamespace(text="\\boxed{1}", token_ids=[5, 6], finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    recs = _records(_problems())
+    eval_math.evaluate(LLM(), bos_tok, recs, n=2, temperature=0.6, top_p=0.95, max_new_tokens=8, batch_size=6,
+                       out_dir=tmp_path / "v", instruction="", backend="vllm")
+    texts = [eval_math.build_prompt(bos_tok, r["problem"], "") for r in recs]
+    want = [bos_tok(t, add_special_tokens=False)["input_ids"] for t in texts for _ in range(2)]
+    assert seen == [{"prompt_token_ids": ids} for ids in want]
+    assert all(ids[0] == bos_tok.eos_token_id != ids[1] for ids in want)  # one BOS, the template's
+    assert bos_tok(texts[0])["input_ids"][:2] == [bos_tok.eos_token_id] * 2  # what a text prompt would give
+
+
+def test_batch_defaults_kv_budget_for_hf_all_pending_for_vllm(tokenizer, tmp_path, monkeypatch):
+    """Without --batch-size: HF generate() calls hold max_batch_tokens // (longest prompt + max_new_tokens)
+    sequences (a 7B's AIME run: 8, not 64 x 32k tokens of KV cache); vLLM gets every pending sample in one call."""
+    import types
+
+    seven_b = lambda prompts, add_special_tokens: {"input_ids": [[0] * 300 for _ in prompts]}  # 300-token prompts
+    assert eval_math.default_batch_size(seven_b, ["p"] * 30, 30 * 64, backend="hf", max_new_tokens=31744,
+                                        max_batch_tokens=eval_math.DEFAULT_BATCH_TOKENS) == 262144 // 32044 == 8
+    assert eval_math.default_batch_size(seven_b, ["p"], 1920, backend="vllm", max_new_tokens=31744,
+                                        max_batch_tokens=1) == 1920
+    problems = _problems(ks=(1, 2, 2))
+    recs = _records(problems)
+    longest = max(len(tokenizer(eval_math.build_prompt(tokenizer, r["problem"], ""), add_special_tokens=False)
+                      ["input_ids"]) for r in recs)
+    scripts = {p.question: [synthetic.correct_trace(p)] * 4 for p in problems}
+    model = ScriptedModel(tokenizer, scripts)
+    sizes = []
+    generate = model.generate
+    model.generate = lambda input_ids, **kw: sizes.append(len(input_ids)) or generate(input_ids, **kw)
+    budget = 3 * (longest + 64) + 5  # room for 3 sequences
+    s = eval_math.evaluate(model, tokenizer, recs, n=4, temperature=0.6, top_p=0.95, max_new_tokens=64,
+                           max_batch_tokens=budget, out_dir=tmp_path / "hf", instruction="")
+    assert sizes == [3, 3, 3, 3] and s["avg@n"] == 100.0
+
+    calls = []
+
+    class LLM:
+        def generate(self, prompts, params, use_tqdm):
+            calls.append(len(prompts))
+            out = types.SimpleNamespace(text="\\boxed{1}", token_ids=[5], finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    eval_math.evaluate(LLM(), tokenizer, recs, n=4, temperature=0.6, top_p=0.95, max_new_tokens=64,
+                       max_batch_tokens=budget, out_dir=tmp_path / "vllm", instruction="", backend="vllm")
+    assert calls == [12]
+    assert len((tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()) == 12
