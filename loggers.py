@@ -92,3 +92,29 @@ def _wandb_run(output_dir: str, project: str, name: str | None, mode: str, run_c
         os.replace(id_path + ".tmp", id_path)
     return wandb.init(project=project, name=name or os.path.basename(os.path.abspath(output_dir)), mode=mode,
                       dir=output_dir, id=run_id, resume="allow", config=run_config)
+
+
+def write_run_summary(output_dir: str) -> dict:
+    """run_summary.json: a run's cost from its own metrics.jsonl (so a resumed run counts each step once: the
+    rows of re-run steps were dropped at resume). train_seconds = Σ step seconds (rollouts included) + Σ
+    validation seconds (sampling, grading, the epoch export); tokens_trained = Σ response tokens of the steps;
+    tokens_generated_rollout = Σ perf/rollout_tokens (on-policy); tokens_generated_validation = Σ
+    val/tokens_generated. Written to a temporary name and renamed."""
+    steps = vals = []
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        steps = [r for r in rows if "val/epoch" not in r]
+        vals = [r for r in rows if "val/epoch" in r]
+    summary = {"steps": len(steps),
+               "train_seconds": sum(r.get("seconds", 0.0) for r in steps) + sum(r.get("val/seconds", 0.0) for r in vals),
+               "validation_seconds": sum(r.get("val/seconds", 0.0) for r in vals),
+               "tokens_trained": int(sum(r.get("tokens", 0) for r in steps)),
+               "tokens_generated_rollout": int(sum(r.get("perf/rollout_tokens", 0) for r in steps)),
+               "tokens_generated_validation": int(sum(r.get("val/tokens_generated", 0) for r in vals))}
+    tmp = os.path.join(output_dir, "run_summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(output_dir, "run_summary.json"))
+    return summary

@@ -76,7 +76,7 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param_dtype: torch.dtype,
                 reduce_dtype: torch.dtype, activation_checkpointing: bool, trust_remote_code: bool = False,
                 seed: int = 0, requires_grad: bool = True, reshard_after_forward: bool = True,
-                shard_layers: bool = True, attn_implementation: str = "sdpa"):
+                shard_layers: bool = True, attn_implementation: str = "sdpa", load_weights: bool = True):
     """FSDP2-sharded HF causal LM from `path` (HF dir with config.json + safetensors) or, for the tiny lab,
     from Qwen2Config(**init_config) with the HF init under torch.manual_seed(seed). Exactly one is given.
     requires_grad=False gives the frozen reference model (eval mode, root resharded after every forward).
@@ -85,7 +85,9 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
     shard_layers=False makes the whole model one FSDP unit (one all-gather and one reduce-scatter per
     micro-batch, no per-layer overlap): for models so small that per-layer collectives cost more than
     they overlap (the tiny lab: 15% faster per step on 2 CPU ranks); reshard_after_forward is then moot.
-    attn_implementation: transformers' attention (sdpa | eager | flex_attention | flash_attention_2)."""
+    attn_implementation: transformers' attention (sdpa | eager | flex_attention | flash_attention_2).
+    load_weights=False: the parameters are left as allocated, unread (a resume, whose checkpoint overwrites every
+    one of them: reading and broadcasting 15 GB of base weights first would be wasted)."""
     if (path is None) == (init_config is None):
         raise ValueError("build_model: give exactly one of path and init_config")
     fake = detect_fake_mode() is not None  # a FakeTensorMode rehearsal (benchmarks/memory.py): shapes, no values
@@ -141,7 +143,7 @@ def build_model(*, path: str | None, init_config: dict | None, dist: Dist, param
             if module._non_persistent_buffers_set:
                 model._init_weights(module)
 
-    if not fake:  # (under fake tensors values do not change memory, and the broadcast needs host syncs)
+    if load_weights and not fake:  # (fake tensors: values do not change memory, the broadcast needs host syncs)
         _load_full_weights(model, path, config, aliases, dist=dist, seed=seed, trust_remote_code=trust_remote_code)
     model.config.dtype = storage_dtype  # (after the last from_config, which sets it again)
 

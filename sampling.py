@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
+import torch
 import torch.distributed as dist
 
 import eval.math as eval_math
@@ -64,6 +66,14 @@ def rollout(cfg, d, model, tokenizer, items: list[dict], step: int, engine=None)
     return fresh
 
 
+def generated_tokens(d, items: list[dict]) -> int:
+    """Tokens the policy generated for these rollouts, summed over ranks (the response tokens: loss_mask = 1)."""
+    n = torch.tensor([float(sum(sum(m) for it in items for m in it["loss_mask"]))], dtype=torch.float64,
+                     device=d.device)                                                  # [1]
+    dist.all_reduce(n)
+    return int(n.item())
+
+
 def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, epoch: int, step: int,
                    engine=None) -> None:
     """After epoch `epoch`: every rank samples validation.n answers to its share of the problems (r::world,
@@ -71,6 +81,7 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
     (eval.metrics.summarize), logs a metrics row with val/ keys, and -- after the hf/epoch-N export --
     copies that export to hf/best with best.json when its val/avg@n beats the best so far (ties: earlier)."""
     vc = cfg.validation
+    t0 = time.time()
     instruction = eval_math.BOXED_INSTRUCTION if vc.instruction else ""
     mine = records[d.rank::d.world_size]
     prompt_ids = [tokenizer(eval_math.build_prompt(tokenizer, rec["problem"], instruction),
@@ -91,7 +102,9 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
     if d.rank == 0:
         summary = summarize([s for part in gathered for s in part])
         scores = {f"val/{k}": v for k, v in summary.items() if k.startswith(("avg@", "pass@", "maj@"))}
-        metrics.log({"step": step, "val/epoch": epoch, **scores})
+        cost = {"val/tokens_generated": sum(s["length"] for part in gathered for s in part),
+                "val/seconds": time.time() - t0}  # (sampling, grading and the epoch's export)
+        metrics.log({"step": step, "val/epoch": epoch, **scores, **cost})
         print0(f"validation after epoch {epoch} (step {step}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         best_path = os.path.join(cfg.output_dir, "best.json")
         best = None

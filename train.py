@@ -292,8 +292,10 @@ def run(cfg: Config) -> None:
     stop = install_sigterm_handler()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path,
                                               trust_remote_code=cfg.model.trust_remote_code)
-    dataset, sampler, total_steps = build_data(cfg, d, tokenizer)
-    model, ref_model, optimizer = build_models(cfg, d)
+    resuming = (cfg.train.resume == "auto"
+                and checkpoint.latest_state(os.path.join(cfg.output_dir, "ckpt")) is not None)
+    dataset, sampler, total_steps = build_data(cfg, d, tokenizer, resuming=resuming)
+    model, ref_model, optimizer = build_models(cfg, d, resuming=resuming)
     print0(f"model: {mu.num_params(model) / 1e6:.2f}M params, world {d.world_size}, {total_steps} steps")
     step, nonfinite_total, validated = resume(cfg, d, model, optimizer, sampler)
     ref_cache = None
@@ -309,6 +311,8 @@ def run(cfg: Config) -> None:
         if metrics is not None:
             metrics.close()
     mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", "final"), dist=d)
+    if d.rank == 0:
+        loggers.write_run_summary(cfg.output_dir)
     print0(f"done: {total_steps} steps; model in {os.path.join(cfg.output_dir, 'hf', 'final')}")
     if engine is not None:
         engine.close()
@@ -351,7 +355,7 @@ def compute_dtype(cfg: Config, device_type: str):
 
 # --------------------------------------------------------------------------- data
 
-def build_data(cfg: Config, d, tokenizer):
+def build_data(cfg: Config, d, tokenizer, *, resuming: bool = False):
     """Curated records -> tokenised groups -> a deterministic, resumable, rank-sharded sampler.
     An index pass (no texts kept) feeds the draw (data.num_questions) and the weights; only the drawn questions
     are read and tokenised (data.tokenise_drawn), once per output_dir: rank 0 writes the token copy that every
@@ -382,10 +386,9 @@ def build_data(cfg: Config, d, tokenizer):
             return data.GroupDataset(data.read_lines(path, lines), tokenizer, **kw), None, lines
         dataset, chosen = data.tokenise_drawn(path, records, order, k, tokenizer, **kw)
         return dataset, chosen, sorted(records[i]["_line"] for i in order[:k + dataset.report["drawn_replaced"]])
-    resuming = cfg.train.resume == "auto" and checkpoint.latest_state(os.path.join(cfg.output_dir, "ckpt"))
     dataset, chosen, how = token_cache.load_or_build(
         cfg.output_dir, build, token_cache.fingerprint(path, records, order, tokenizer, **kw), path, tokenizer, kw,
-        rank=d.rank, resuming=bool(resuming), barrier=dist.barrier if dist.is_initialized() else lambda: None)
+        rank=d.rank, resuming=resuming, barrier=dist.barrier if dist.is_initialized() else lambda: None)
     print0(f"data: token copy {how} ({os.path.join(cfg.output_dir, token_cache.DIR)}); {dataset.report}")
     if k:  # the blog's protocol: K questions drawn by the weights, then plain epochs over them
         if d.rank == 0:
@@ -409,16 +412,17 @@ def build_data(cfg: Config, d, tokenizer):
 
 # --------------------------------------------------------------------------- models
 
-def build_models(cfg: Config, d, *, device_type: str | None = None):
+def build_models(cfg: Config, d, *, device_type: str | None = None, resuming: bool = False):
     """The policy (FSDP2, activation checkpointing), the frozen reference (only for a live KL reference)
     and AdamW over the policy's sharded parameters. device_type picks the compute dtype (default: d's;
-    benchmarks/memory.py rehearses "cuda" on a CPU mesh)."""
+    benchmarks/memory.py rehearses "cuda" on a CPU mesh). resuming: the policy's base weights are not read
+    (the checkpoint overwrites them); the reference's are."""
     build = dict(path=cfg.model.path, init_config=cfg.model.init_config, dist=d,
                  param_dtype=compute_dtype(cfg, device_type or d.device.type), reduce_dtype=torch.float32,
                  trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
                  shard_layers=cfg.model.shard_layers, attn_implementation=cfg.model.attn_implementation)
     model = mu.build_model(**build, activation_checkpointing=cfg.model.activation_checkpointing,
-                           reshard_after_forward=cfg.model.reshard_after_forward)
+                           reshard_after_forward=cfg.model.reshard_after_forward, load_weights=not resuming)
     ref_model = None
     if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "live":
         ref_model = mu.build_model(**build, activation_checkpointing=False, requires_grad=False)
@@ -601,8 +605,10 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         t0 = time.time()
         qidx = sampler.next_step()                                                     # this rank's questions
         items = [dataset[i] for i in qidx]
+        generated = None
         if cfg.loss.name == "onpolicy":
             items = sampling.rollout(cfg, d, model, tokenizer, items, step, engine)
+            generated = sampling.generated_tokens(d, items)  # (all ranks: a run's cost, run_summary.json)
         row = train_step(cfg, d, model, ref_model, ref_cache, optimizer, items, qidx,
                          lr_at(step, cfg.optim, total_steps), tokenizer.pad_token_id)
         if row.pop("finite"):
@@ -617,7 +623,8 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         seconds = time.time() - t0
         if d.rank == 0:
             row = {"step": step, **row, "seconds": seconds, "perf/tokens_per_second": row["tokens"] / max(seconds, 1e-9),
-                   "data/epoch": sampler.progress, "loss/nonfinite_skipped": nonfinite_total}
+                   "data/epoch": sampler.progress, "loss/nonfinite_skipped": nonfinite_total,
+                   **({} if generated is None else {"perf/rollout_tokens": generated})}
             metrics.log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
             bar.update(1)

@@ -276,6 +276,25 @@ def test_resume_gives_the_losses_of_the_uninterrupted_run(lab):
     assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
 
 
+def test_a_resume_does_not_read_the_base_weights(lab, tmp_path):
+    """The checkpoint overwrites every parameter, so a resumed policy is built without reading model.path's
+    weights (15 GB at 7B): with them made unreadable after the first part, the resumed run still equals the
+    uninterrupted one exactly (issue 26.7). No reference model (kl_coef 0), which would read them."""
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(lab["base"], base)
+    cfg = grpo_config(lab, "x", loss={"kl_coef": 0.0}, max_steps=4, save_every=1)
+    cfg["model"]["path"] = str(base)
+    full = run_train(tmp_path / "full", cfg, nproc=2)
+    part = tmp_path / "part"
+    run_train(part, cfg, nproc=2, extra=["train.stop_after=2"])
+    for f in base.glob("*.safetensors"):
+        f.write_bytes(b"")  # unreadable: a read would fail
+    run_train(part, cfg, nproc=2, extra=["train.resume=auto"])
+    assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]
+    assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
+
+
 def test_onpolicy_rollouts_train_and_resume_exactly(lab):
     """On-policy: each rank samples its groups (collective-free decoding after one gather), scores them and
     trains; the rollout seeds follow the step, so a resumed run repeats the uninterrupted one exactly."""
@@ -292,6 +311,11 @@ def test_onpolicy_rollouts_train_and_resume_exactly(lab):
     assert all(0.0 <= m["data/reward_mean"] <= 1.0 and math.isfinite(m["loss"]) for m in mf)
     assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in mf]  # exact
     assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
+    # cost: every generated token is trained on (the rollouts' response tokens), counted once across the resume
+    cost = json.loads((full / "run_summary.json").read_text())
+    assert cost["tokens_generated_rollout"] == sum(m["perf/rollout_tokens"] for m in mf) == cost["tokens_trained"] > 0
+    assert json.loads((part / "run_summary.json").read_text())["tokens_generated_rollout"] == cost[
+        "tokens_generated_rollout"]
     # rollouts from a model that is one FSDP unit (the tiny lab's setting): the same samples and losses
     assert [m["loss"] for m in metrics(whole)] == pytest.approx([m["loss"] for m in mf], rel=1e-5)
     with pytest.raises(AssertionError):  # the entropy bonus moved the policy away from the base
@@ -428,10 +452,17 @@ def test_validation_each_epoch_exports_epochs_keeps_the_best_and_survives_a_resu
     assert [r["val/epoch"] for r in metrics(part) if "val/epoch" in r] == [1]
     run_train(part, cfg, nproc=2)
     assert metrics(part)[-1]["step"] == 4
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "perf/tokens_per_second")} for r in rs]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "perf/tokens_per_second", "val/seconds")}
+                        for r in rs]
     assert strip(metrics(part)) == strip(rows)
     assert json.loads((part / "best.json").read_text()) == best
     assert_same_weights(part / "hf" / "best", full / "hf" / "best", atol=0)
+    # the run's cost (run_summary.json, from metrics.jsonl): the resumed run counts each step and validation once
+    cost, cost_part = (json.loads((p / "run_summary.json").read_text()) for p in (full, part))
+    assert cost["steps"] == 4 and cost["tokens_trained"] == sum(r["tokens"] for r in rows if "val/epoch" not in r)
+    assert cost["tokens_generated_validation"] == sum(r["val/tokens_generated"] for r in val) > 0
+    assert 0 < cost["validation_seconds"] < cost["train_seconds"] and cost["tokens_generated_rollout"] == 0
+    assert {k: cost_part[k] for k in cost_part if "seconds" not in k} == {k: cost[k] for k in cost if "seconds" not in k}
     # stopped at an epoch's last step (SIGTERM or stop_after there): saved before validating; the resumed run
     # validates that epoch first, on the same weights
     edge = lab["root"] / "val_edge"
