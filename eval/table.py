@@ -14,6 +14,10 @@ directory (two models would otherwise be averaged, their gap shown as seed sprea
 The "Avg." column is the mean over benchmarks of a row's cell means (only when the row is complete).
 When the summaries hold "truncated" (eval.math's share of samples cut off at --max-new-tokens, which have no
 answer), a second table shows it per (row, benchmark) and the JSON cells carry it.
+--baseline NAME adds, per other row and benchmark, the paired avg@n difference against NAME with a 95% bootstrap
+interval over problems (eval/bootstrap.py: problems resampled, paired by id, the seeds of each problem averaged);
+--pairs A-B,C-D the same for chosen rows; JSON: the cell's "delta", a top-level "pairs". Rows whose models came
+from train.py runs get a cost table (run_summary.json: train seconds, tokens trained and generated; eval/compare.py).
 A PNG bar chart (results.png next to --out) is drawn when matplotlib is installed.
 
 Bad input (cli.py's convention: one line `eval.table: error: ...`, exit status 2, nothing written): a path that
@@ -30,6 +34,7 @@ import statistics
 from pathlib import Path
 
 import cli
+from eval import compare
 
 SEED_DIR = re.compile(r"seed[-_]?\d+")
 
@@ -70,11 +75,13 @@ def _cell_dir(path: Path) -> Path:
     return d.parent if SEED_DIR.fullmatch(d.name) else d
 
 
-def collect(paths, metric: str, truncated: dict | None = None) -> dict[str, dict[str, list[float]]]:
+def collect(paths, metric: str, truncated: dict | None = None,
+            sources: dict | None = None) -> dict[str, dict[str, list[float]]]:
     """{variant: {benchmark: [metric value per seed]}}, in order of first appearance; `truncated` (when given)
-    is filled the same way with the summaries' "truncated" share (samples cut off at --max-new-tokens)."""
+    is filled the same way with the summaries' "truncated" share (samples cut off at --max-new-tokens), and
+    `sources` with {(row, benchmark): [its summary.json paths]} (eval/compare.py reads their directories)."""
     cells: dict[str, dict[str, list[float]]] = {}
-    claims: dict[tuple[str, str], list[Path]] = {}  # (row, benchmark) -> its summary paths
+    claims: dict[tuple[str, str], list[Path]] = {} if sources is None else sources  # (row, benchmark) -> paths
     for path in find_summaries(paths):
         summary = read_summary(path)
         numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -191,23 +198,62 @@ def bar_chart(stats: dict, metric: str, path: Path) -> bool:
     return True
 
 
+def add_comparisons(table: str, stats: dict, sources: dict, a) -> tuple[str, dict]:
+    """The table with the --baseline / --pairs intervals and the cost table appended, and the JSON document:
+    stats plus each compared cell's "delta", each costed row's "cost" and, with --pairs, a top-level "pairs"."""
+    rows = list(stats)
+    benches = [b for b in dict.fromkeys(b for row in stats.values() for b in row) if b != "Avg."]
+    if a.resamples < 100:
+        raise TableError(f"--resamples {a.resamples}: use at least 100")
+    if a.baseline is not None and a.baseline not in rows:
+        raise TableError(f"--baseline {a.baseline!r}: not a row of the table (rows: {', '.join(rows)})")
+    pairs = compare.parse_pairs(a.pairs, rows) if a.pairs else []
+    doc = {row: {b: dict(cell) for b, cell in cells.items()} for row, cells in stats.items()}
+    lines = [table.rstrip("\n")]
+    kw = dict(resamples=a.resamples, seed=a.bootstrap_seed)
+    if a.baseline is not None:
+        vs = compare.deltas(sources, [(r, a.baseline) for r in rows if r != a.baseline], **kw)
+        for (row, _), cells in vs.items():
+            for bench, d in cells.items():
+                doc[row][bench]["delta"] = d
+        lines += compare.delta_table(vs, benches, f"avg@n − {a.baseline} (points; paired by problem, 95% "
+                                     f"bootstrap interval over problems, {a.resamples:,} resamples)")
+    if pairs:
+        chosen = compare.deltas(sources, pairs, **kw)
+        doc["pairs"] = {f"{x}-{y}": cells for (x, y), cells in chosen.items()}
+        lines += compare.delta_table(chosen, benches, "avg@n differences of chosen rows (points, 95% bootstrap "
+                                     "interval over problems)")
+    costs = compare.row_costs(sources)
+    if costs:
+        for row, c in costs.items():
+            doc[row]["cost"] = c
+        lines += compare.cost_table(costs, rows)
+    return "\n".join(lines) + "\n", doc
+
+
 def main(argv=None) -> str:
     ap = cli.ArgumentParser(prog="eval.table", description="Markdown table (and bar chart) from eval.math summaries.")
     ap.add_argument("paths", nargs="+", help="summary.json files or directories holding them")
     ap.add_argument("--out", required=True, help="Markdown output (the chart goes next to it as .png)")
     ap.add_argument("--json", help="also write the table's numbers as JSON")
     ap.add_argument("--metric", default="avg@n", help="summary key to tabulate: avg@n, maj@n, pass@1, ...")
+    ap.add_argument("--baseline", help="row to compare every other row with: paired avg@n difference, 95%% "
+                                       "bootstrap interval over problems (eval/bootstrap.py)")
+    ap.add_argument("--pairs", help="comparisons of chosen rows, A-B,C-D (A minus B)")
+    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10,000)")
+    ap.add_argument("--bootstrap-seed", type=int, default=0)
     a = ap.parse_args(argv)
-    truncated: dict = {}
+    truncated, sources = {}, {}
     try:  # the inputs first: a missing run is the error a user needs before an output directory
-        cells = collect(a.paths, a.metric, truncated)
-    except TableError as e:
+        cells = collect(a.paths, a.metric, truncated, sources)
+        table, stats = make_table(cells, a.metric, truncated)
+        table, doc = add_comparisons(table, stats, sources, a)
+    except (TableError, compare.CompareError) as e:
         cli.fail("eval.table", e)
     for flag, path in (("--out", a.out), ("--json", a.json)):
         why = path and cli.unwritable(path, parents=True)
         if why:
             cli.fail("eval.table", f"{flag} {path}: cannot be written: {why}")
-    table, stats = make_table(cells, a.metric, truncated)
     out = Path(a.out)
     for path in (a.out, a.json):  # every check passed: make the outputs' directories
         if path:
@@ -215,7 +261,7 @@ def main(argv=None) -> str:
     out.write_text(table)
     print(table, end="")
     if a.json:
-        Path(a.json).write_text(json.dumps(stats, indent=1) + "\n")
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
     png = out.with_suffix(".png")
     if bar_chart(stats, a.metric, png):
         print(f"bar chart: {png}")

@@ -30,7 +30,9 @@ for seed in $(seq 0 $((seeds - 1))); do
   lab_eval "$runs/eval" "$seed" "${models[@]}"
 done
 
-python -m eval.table "$runs/eval" --out "$runs/results.md" --json "$runs/results.json"  # + results.png
+# + results.png; every row against the base and the blog's comparisons, with 95% bootstrap intervals over problems
+python -m eval.table "$runs/eval" --out "$runs/results.md" --json "$runs/results.json" --baseline base \
+  --pairs bias05-offgrpo,offgrpo-sft,bias05-sft
 python -m eval.plot $(for v in "${VARIANTS[@]}"; do echo "$runs/$v"/seed*; done) --out "$runs/curves.png"
 stamp "done"
 cat "$runs/results.md"

@@ -37,6 +37,7 @@ for seed in $(seq 0 $((seeds - 1))); do
   done <<< "$points"
   lab_eval "$root/eval" "$seed" "${models[@]}"
 done
-python -m eval.table "$root/eval" --out "$root/results.md" --json "$root/results.json"
+first=$(head -n1 <<< "$points" | cut -f1)  # every grid point against the first, with 95% bootstrap intervals
+python -m eval.table "$root/eval" --out "$root/results.md" --json "$root/results.json" --baseline "$first"
 stamp "done"
 cat "$root/results.md"
