@@ -57,6 +57,7 @@ import zlib
 from pathlib import Path
 
 import cli
+from eval import parallel
 from eval.inputs import (InputError, check_model_dir, file_sha256, load_records, max_positions,  # noqa: F401
                          model_hash)  # (file_sha256, model_hash, load_records: re-exported for the tests)
 from eval.metrics import summarize
@@ -170,14 +171,16 @@ def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: floa
              max_new_tokens: int, out_dir, batch_size: int | None = None,
              max_batch_tokens: int = DEFAULT_BATCH_TOKENS, seed: int = 0,
              instruction: str = BOXED_INSTRUCTION, backend: str = "hf", model_dir=None, data_path=None,
-             restart: bool = False, answer_from: str = "after-think") -> dict:
+             restart: bool = False, answer_from: str = "after-think", shard: tuple[int, int] = (0, 1)) -> dict:
     """Generate n samples per record (skipping finished problems), grade, write samples.jsonl and
     summary.json in out_dir, and return the summary. model: a HF causal LM, or a vllm.LLM when
     backend == "vllm". records: load_records() output (unique string ids). model_dir (default: the model's
     own name_or_path when it is a directory) and data_path (the file the records came from) go into
     settings.json with their hashes (identity()); restart=True deletes out_dir's samples, summary and settings
     first instead of resuming. batch_size: sequences per generate() call, None = default_batch_size. answer_from: reward.final_text's mode (after-think: a reasoning model's answer
-    follows its last </think>; a prompt whose template opens <think> counts as an opened block)."""
+    follows its last </think>; a prompt whose template opens <think> counts as an opened block).
+    shard (i, N): only the samples s = i, i + N, i + 2N, ... of each problem (eval/parallel.py merges the N
+    shards; each sample's seed depends on (seed, problem id, s) only, so vLLM's results do not depend on N)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -185,17 +188,20 @@ def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: floa
     settings = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                     instruction=instruction, answer_from=answer_from,
                     **identity(model_dir or model_dir_of(model), backend, data_path))
+    mine = list(range(shard[0], n, shard[1]))  # this shard's sample indices (all of them when unsharded)
+    if shard[1] > 1:
+        settings["shard"] = list(shard)
     if restart:
         for name in ("samples.jsonl", "summary.json", "settings.json"):
             (out_dir / name).unlink(missing_ok=True)
     check_settings(out_dir, settings)
     samples_path = out_dir / "samples.jsonl"
-    finished = load_finished(samples_path, n)
+    finished = load_finished(samples_path, mine)
     pending = [r for r in records if r["id"] not in finished]
     print(f"eval: {len(records) - len(pending)} of {len(records)} problems already done, "
-          f"{len(pending)} to generate ({len(pending) * n} samples)", flush=True)
+          f"{len(pending)} to generate ({len(pending) * len(mine)} samples)", flush=True)
 
-    work = [(r, s) for r in pending for s in range(n)]  # one entry per sample to generate
+    work = [(r, s) for r in pending for s in mine]  # one entry per sample to generate
     prompts = {r["id"]: build_prompt(tokenizer, r["problem"], instruction) for r in pending}
     if batch_size is None:
         batch_size = default_batch_size(tokenizer, list(prompts.values()), len(work), backend=backend,
@@ -218,8 +224,9 @@ def evaluate(model, tokenizer, records: list[dict], *, n: int, temperature: floa
                 prompt = prompts[rec["id"]]
                 buffer[rec["id"]][s] = grade(rec, s, text, length, truncated, answer_from=answer_from,
                                              think_open=prompt.rfind("<think>") > prompt.rfind("</think>"))
-                if all(x is not None for x in buffer[rec["id"]]):  # write a problem only when whole
-                    f.write("".join(json.dumps(x) + "\n" for x in buffer.pop(rec["id"])))
+                if all(buffer[rec["id"]][j] is not None for j in mine):  # write a problem only when whole
+                    f.write("".join(json.dumps(buffer[rec["id"]][j]) + "\n" for j in mine))
+                    del buffer[rec["id"]]
                     f.flush()
             bar.update(len(chunk))
 
@@ -262,12 +269,23 @@ def main(argv=None) -> list[dict]:
                     help="after-think (reasoning models): the answer is the last \\boxed{} after the last </think>; "
                          "a sample whose <think> never closes or that is cut off before its end-of-turn has none "
                          "(wrong); no thinking block: the whole text. whole: the last \\boxed{} of the whole text")
+    ap.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                    help="N processes, one engine each on its own GPU(s), over disjoint shards of the samples, "
+                         "merged into --out (eval/parallel.py)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T",
+                    help="vllm: GPUs per engine (models that do not fit one)")
+    ap.add_argument("--shard", default=None, metavar="I/N",
+                    help="only the samples s = I, I+N, ... of each problem (what --data-parallel runs per process)")
     ap.add_argument("--restart", action="store_true",
                     help="delete each --out's samples, summary and settings and start afresh (default: resume, "
                          "refused when settings.json names other settings, another model or other data)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     instruction = "" if a.no_instruction else BOXED_INSTRUCTION
+    a.shard = parallel.check(a)
     records, configs = _check_inputs(a, instruction)
+    if a.data_parallel > 1:
+        return parallel.run(argv, a, records)
 
     if a.backend == "vllm":  # the backend is resolved once, before any model is loaded
         try:
@@ -276,7 +294,8 @@ def main(argv=None) -> list[dict]:
             sys.exit("eval.math: error: --backend vllm needs the vllm package (pip install vllm); use --backend hf")
         import torch  # the HF path's dtypes: bf16 on GPU, fp32 on CPU (vLLM's CPU default is bf16)
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-        load, where = (lambda d: LLM(model=d, seed=a.seed, dtype=dtype)), f"vllm ({dtype})"
+        load = lambda d: LLM(model=d, seed=a.seed, dtype=dtype, tensor_parallel_size=a.tensor_parallel_size)
+        where = f"vllm ({dtype}, tensor parallel {a.tensor_parallel_size})"
     else:
         import torch
         from transformers import AutoModelForCausalLM
@@ -295,7 +314,7 @@ def main(argv=None) -> list[dict]:
                                max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                                max_batch_tokens=a.max_batch_tokens, out_dir=out_dir,
                                seed=a.seed, instruction=instruction, backend=a.backend, model_dir=model_dir,
-                               data_path=a.data, restart=a.restart, answer_from=a.answer_from)
+                               data_path=a.data, restart=a.restart, answer_from=a.answer_from, shard=a.shard)
         except InputError as e:  # a corrupt samples.jsonl of an earlier run
             cli.fail("eval.math", e)
         print(json.dumps({k: v for k, v in summary.items() if k != "by_k"}), flush=True)
@@ -339,7 +358,8 @@ def _check_inputs(a, instruction: str) -> tuple[list[dict], list[dict]]:
                 bad(f"--out {out}: cannot be written: {why}")
             settings = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
                             seed=a.seed, instruction=instruction, answer_from=a.answer_from,
-                            **identity(model_dir, a.backend, a.data))
+                            **identity(model_dir, a.backend, a.data), **({"shard": list(a.shard)} if a.shard[1] > 1
+                                                                        else {}))
             if not a.restart:
                 check_settings(Path(out), settings, write=False)
     except InputError as e:

@@ -30,9 +30,11 @@ def model_dir_of(model):
 
 
 
-def load_finished(samples_path: Path, n: int) -> dict[str, list[dict]]:
-    """Problems with all n samples in samples.jsonl; rewrites the file without any other lines
-    (a partially written problem, or a torn last line after a crash)."""
+def load_finished(samples_path: Path, n) -> dict[str, list[dict]]:
+    """Problems with all their samples in samples.jsonl (n: the sample count, or the list of sample indices a
+    shard holds); rewrites the file without any other lines (a partially written problem, or a torn last line
+    after a crash)."""
+    want = list(range(n)) if isinstance(n, int) else list(n)
     if not samples_path.exists():
         return {}
     by_id: dict[str, dict[int, dict]] = {}
@@ -49,7 +51,7 @@ def load_finished(samples_path: Path, n: int) -> dict[str, list[dict]]:
             raise InputError(f"{samples_path}:{i + 1}: not a sample record (id, sample, ...); repair the file or "
                              "use another --out directory")
         by_id.setdefault(s["id"], {})[s["sample"]] = s
-    finished = {pid: [got[j] for j in range(n)] for pid, got in by_id.items() if set(got) == set(range(n))}
+    finished = {pid: [got[j] for j in want] for pid, got in by_id.items() if set(got) == set(want)}
     kept = [s for pid in finished for s in finished[pid]]
     if len(kept) != len(lines):
         samples_path.write_text("".join(json.dumps(s) + "\n" for s in kept))
