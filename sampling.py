@@ -21,6 +21,18 @@ from eval.metrics import summarize
 from dist_utils import print0
 
 
+def resolve_backend(cfg, device_type: str) -> str:
+    """rollout.backend=auto: vllm on a CUDA device where the vllm package is importable and the model comes from
+    model.path, else hf (printed once); hf and vllm stay as given."""
+    if cfg.rollout.backend != "auto":
+        return cfg.rollout.backend
+    import importlib.util
+    why_not = ("no GPU" if device_type != "cuda" else "model.init_config, no model.path" if cfg.model.path is None
+               else "no vllm package" if importlib.util.find_spec("vllm") is None else None)
+    print0(f"rollout.backend=auto: {'vllm (a GPU and the vllm package)' if why_not is None else f'hf ({why_not})'}")
+    return "vllm" if why_not is None else "hf"
+
+
 def make_engine(cfg, d):
     """rollout.backend=vllm: this rank's vLLM engine (vllm_engine.VllmRollout, started from model.path); else None."""
     if cfg.rollout.backend != "vllm":

@@ -116,6 +116,7 @@ class RolloutConfig:                      # on-policy sampling (loss.name = onpo
                                           # a rank's samples run in as many calls as it takes (7B bf16: 56 KiB/token)
     backend: str = "hf"                   # hf (model_utils.generate) | vllm (vllm_engine.py: an engine per rank fed
                                           # the policy's weights before each rollout and validation; needs model.path)
+                                          # | auto (vllm on a GPU where the package is importable, else hf)
     vllm_gpu_memory_utilization: float = 0.3  # GPU memory fraction the vLLM engine may take (weights + KV cache)
 
 
@@ -227,7 +228,8 @@ def validate(cfg: Config) -> None:
     need(vc.limit is None or vc.limit >= 1, "validation.limit must be >= 1 or null")
     need(cfg.data.overlong in ("truncate", "drop"), f"data.overlong must be truncate or drop, got {cfg.data.overlong!r}")
     need(cfg.rollout.max_batch_tokens >= 1, "rollout.max_batch_tokens must be >= 1")
-    need(cfg.rollout.backend in ("hf", "vllm"), f"rollout.backend must be hf or vllm, got {cfg.rollout.backend!r}")
+    need(cfg.rollout.backend in ("hf", "vllm", "auto"),
+         f"rollout.backend must be hf, vllm or auto, got {cfg.rollout.backend!r}")
     need(cfg.rollout.backend != "vllm" or cfg.model.path is not None,
          "rollout.backend=vllm starts its engine from model.path: set model.path (not model.init_config)")
     need(0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1]")
@@ -289,6 +291,7 @@ def run(cfg: Config) -> None:
     d = dist_utils.setup_distributed(timeout_s=cfg.train.collective_timeout_s)
     torch.manual_seed(cfg.train.seed)
     write_resolved_config(cfg, d)
+    cfg.rollout.backend = sampling.resolve_backend(cfg, d.device.type)  # (auto: said once in the log)
     stop = install_sigterm_handler()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path,
                                               trust_remote_code=cfg.model.trust_remote_code)

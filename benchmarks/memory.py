@@ -249,6 +249,8 @@ def rehearse(cfg, world: int, gpu_memory: float = 80.0) -> dict:
     d = dist_utils.Dist(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"),
                 mesh=init_device_mesh("cpu", (world,)))  # (outside fake mode)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_config_dir(cfg)))
+    if cfg.rollout.backend == "auto":  # rehearsed as its fallback (the KV cache inside the training process);
+        cfg.rollout.backend = "hf"     # rollout.backend=vllm rehearses the engine a node with vllm would start
     if cfg.model.logprob_backend == "auto":  # what auto picks on CUDA
         cfg.model.logprob_backend = "triton"
     phases = {}
