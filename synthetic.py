@@ -327,7 +327,8 @@ def _problems(rng, ks, n, modulus, seen: set, weights=None, unique=True) -> list
 
 
 def write_data(out: Path, *, seed: int, modulus: int, mid_k, mid_weights, n_mid: int, teacher_k, n_teacher: int,
-               samples: int, eval_id_k, eval_ood_k, n_eval: int, eval_mid_k=(2,)) -> dict:
+               samples: int, eval_id_k, eval_ood_k, n_eval: int, eval_mid_k=(2,),
+               teacher_error_scale: float = 1.0) -> dict:
     rng = random.Random(seed)
     seen: set = set()
     # eval, then teacher questions (unique), then mid-training ones: no training question is an eval
@@ -357,7 +358,7 @@ def write_data(out: Path, *, seed: int, modulus: int, mid_k, mid_weights, n_mid:
     stats = {"questions": 0, "all_positive": 0, "majority_correct": 0, "sample_correct": 0}
     with open(out / "teacher_raw.jsonl", "w") as f:
         for p in teacher:
-            traces = teacher_traces(p, rng, samples, p_step_error(p.k))
+            traces = teacher_traces(p, rng, samples, p_step_error(p.k) * teacher_error_scale)
             answers = [t.rsplit("\\boxed{", 1)[1].rstrip("}") for t in traces]
             gold, _ = _majority(answers)
             stats["questions"] += 1
@@ -396,6 +397,9 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-ood-k", default="4", help="out-of-distribution (harder) eval k")
     ap.add_argument("--eval-mid-k", default="2", help="retention eval k (what mid-training taught)")
     ap.add_argument("--n-eval", type=int, default=200)
+    ap.add_argument("--teacher-error-scale", type=float, default=1.0,
+                    help="the simulated teacher's per-step error probability x this: < 1 a more reliable teacher "
+                         "(more all-positive groups), > 1 a less reliable one (README: the all-positive share sweep)")
     a = ap.parse_args(argv)
 
     def bad(message):
@@ -418,6 +422,8 @@ def main(argv=None) -> None:
         bad(f"--mid-weights {a.mid_weights!r}: expected positive numbers separated by commas, e.g. 8,8,2")
     if len(weights) != len(ks["--mid-k"]):
         bad(f"--mid-weights {a.mid_weights!r}: needs one weight per --mid-k value ({len(ks['--mid-k'])})")
+    if not 0 <= a.teacher_error_scale < float("inf"):
+        bad(f"--teacher-error-scale {a.teacher_error_scale:g}: must be >= 0")
     if a.modulus < 2:
         bad(f"--modulus {a.modulus}: must be >= 2")
     for flag in ("--n-mid", "--n-teacher", "--samples", "--n-eval"):
@@ -430,7 +436,7 @@ def main(argv=None) -> None:
         stats = write_data(Path(a.out), seed=a.seed, modulus=a.modulus, mid_k=ks["--mid-k"], mid_weights=weights,
                            n_mid=a.n_mid, teacher_k=ks["--teacher-k"], n_teacher=a.n_teacher, samples=a.samples,
                            eval_id_k=ks["--eval-id-k"], eval_ood_k=ks["--eval-ood-k"], n_eval=a.n_eval,
-                           eval_mid_k=ks["--eval-mid-k"])
+                           eval_mid_k=ks["--eval-mid-k"], teacher_error_scale=a.teacher_error_scale)
     except DrawError as e:
         bad(e)
     print(json.dumps({"out": a.out, **stats}))
