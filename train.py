@@ -42,6 +42,7 @@ import loggers
 import loss as L
 import checkpoint
 import dist_utils
+import exports
 import model_utils as mu
 import packing
 import reference
@@ -142,6 +143,7 @@ class TrainConfig:
     save_every: int = 100                 # resumable state every N steps (and at the end / on SIGTERM)
     hf_every: int = 0                     # HF export to hf/step-N every N steps; 0 = only hf/final
     keep_checkpoints: int = 2             # complete states kept under ckpt/
+    keep_hf: int = 0                      # newest hf/step-N exports kept (a link's target always); 0 = all (exports.py)
     resume: str = "auto"                  # auto (newest complete state in ckpt/) | none
     seed: int = 0                         # sampler order, init, sampling
     max_nonfinite: int = 3                # abort after this many non-finite steps in a row
@@ -232,6 +234,7 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1]")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     need(cfg.train.micro_batch_tokens >= 0, "train.micro_batch_tokens must be >= 0 (0 = padded micro-batches)")
+    need(cfg.train.keep_hf >= 0, f"train.keep_hf must be >= 0 (0 = every hf/step-N kept), got {cfg.train.keep_hf}")
     bad_loggers = loggers.check(cfg.train.loggers, cfg.train.wandb_mode)
     need(bad_loggers is None, bad_loggers)
     attn = ("sdpa", "eager", "flex_attention", "flash_attention_2")
@@ -307,7 +310,7 @@ def run(cfg: Config) -> None:
     finally:  # (a stop, SIGTERM or an abort leaves train_loop by SystemExit)
         if metrics is not None:
             metrics.close()
-    mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", "final"), dist=d)
+    exports.export(model, tokenizer, os.path.join(cfg.output_dir, "hf"), "final", total_steps, dist=d)  # or a link
     print0(f"done: {total_steps} steps; model in {os.path.join(cfg.output_dir, 'hf', 'final')}")
     if engine is not None:
         engine.close()
@@ -620,7 +623,8 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             checkpoint.save_state(os.path.join(cfg.output_dir, "ckpt"), step, model, optimizer, extra, dist=d,
                           keep=cfg.train.keep_checkpoints)
         if cfg.train.hf_every and step % cfg.train.hf_every == 0:
-            mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", f"step-{step}"), dist=d)
+            exports.export(model, tokenizer, os.path.join(cfg.output_dir, "hf"), f"step-{step}", step, dist=d,
+                           keep_steps=cfg.train.keep_hf)
         if stopping:  # (an epoch's validation, if due, is the resumed run's first act)
             print0(f"{'SIGTERM' if flag.item() > 0 else 'train.stop_after'}: saved state at step {step}; exiting")
             dist_utils.teardown_distributed()
