@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import dist_utils
 import packing
 from dist_utils import print0
 
@@ -50,6 +51,8 @@ def ref_fingerprint(cfg, d, tokenizer, dataset) -> dict:
                    "group_size": cfg.data.group_size, "overlong": cfg.data.overlong,
                    "tokenizer_sha256": hashlib.sha256(tok.encode()).hexdigest(), "model": model_id,
                    "world_size": d.world_size}
+    if cfg.loss.name == "sft":  # SFT's cache holds only the positive responses (its loss reads no other)
+        fingerprint["responses"] = "reward > 0"
     return json.loads(json.dumps(fingerprint))  # as fingerprint.json reads back (tuples -> lists)
 
 
@@ -90,7 +93,7 @@ def prepare(cfg, d, logprob_fn, dataset, tokenizer, step: int) -> "RefCache":
     if action not in ("reuse", "compute"):
         raise SystemExit(action)  # every rank, so none waits for the others
     if action == "compute":
-        rows = [(qi, j) for qi in range(d.rank, len(dataset), d.world_size) for j in range(cfg.data.group_size)]
+        rows = [(qi, j) for qi in range(d.rank, len(dataset), d.world_size) for j in _responses(cfg, dataset, qi)]
         tensors, last = {}, {}
         with torch.no_grad():
             for chunk in tqdm(_micro_batches(cfg, d, dataset, rows), desc="ref logprobs", disable=d.rank != 0):
@@ -110,6 +113,13 @@ def prepare(cfg, d, logprob_fn, dataset, tokenizer, step: int) -> "RefCache":
     return RefCache(cache_dir, d.world_size)
 
 
+def _responses(cfg, dataset, qi: int):
+    """The responses of question qi that the loss reads: SFT only the positive ones (reward > 0), else all G."""
+    if cfg.loss.name != "sft":
+        return range(cfg.data.group_size)
+    return [j for j, r in enumerate(dataset[qi]["rewards"]) if r > 0]
+
+
 def _micro_batches(cfg, d, dataset, rows: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     """This rank's rows (question, response) in micro-batches, as many on every rank (FSDP): packed bins of
     train.micro_batch_tokens (packing.plan_across_ranks), or train.micro_batch_size rows. A rank left with
@@ -120,7 +130,7 @@ def _micro_batches(cfg, d, dataset, rows: list[tuple[int, int]]) -> list[list[tu
         chunks = [sorted(rows[i] for i in b) for b in bins]  # (question order: the memo below hits)
     else:
         mbs = cfg.train.micro_batch_size
-        n_batches = math.ceil(math.ceil(len(dataset) / d.world_size) * cfg.data.group_size / mbs)
+        n_batches = dist_utils.max_over_ranks(math.ceil(len(rows) / mbs), d.device)  # (SFT: ranks differ)
         chunks = [rows[b * mbs:(b + 1) * mbs] for b in range(n_batches)]
     return [c or rows[-1:] or [(0, 0)] for c in chunks]
 
@@ -149,9 +159,12 @@ class RefCache:
         self.handles = [safe_open(os.path.join(cache_dir, f"rank{r}.safetensors"), "pt") for r in range(world_size)]
 
     def logprobs(self, rows: list[tuple[int, int, int]], width: int, device):
-        """ref_logp [b, width - 1] for rows (question qi, response j, its n tokens), 0 after each length."""
+        """ref_logp [b, width - 1] for rows (question qi, response j, its n tokens), 0 after each length; n None:
+        a placeholder row (train_step's weight-0 forward), all 0."""
         out = torch.zeros(len(rows), width - 1)                                        # [b, t]
         for k, (qi, j, n) in enumerate(rows):
+            if n is None:
+                continue
             cached = self.handles[qi % self.world_size].get_tensor(f"q{qi}.{j}")        # [n - 1]
             if cached.shape[0] != n - 1:
                 raise SystemExit(f"error: cached reference log-probs of question {qi}, response {j} cover "

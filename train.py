@@ -534,13 +534,19 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
     stats = torch.zeros(6, dtype=torch.float64, device=d.device)                       # [6]
     n_tok = full["attention_mask"].sum(1).tolist()
     row_key = [(qi, j, n_tok[i * G + j]) for i, qi in enumerate(qidx) for j in range(G)]  # (question, response, tokens)
-    plan = packing.micro_batches(n_tok, micro_batch_size=cfg.train.micro_batch_size,
-                                 micro_batch_tokens=cfg.train.micro_batch_tokens, device=d.device)
-    for rows in plan:
+    used = [i for i, r in enumerate(full["rewards"].tolist()) if r > 0 or lc.name != "sft"]  # SFT: positives only
+    plan = [[used[k] for k in b] for b in packing.micro_batches(
+        [n_tok[i] for i in used], micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_tokens=cfg.train.micro_batch_tokens, device=d.device)]
+    if lc.name == "sft" and not cfg.train.micro_batch_tokens:  # (packed plans are equalised across ranks already)
+        plan += [[] for _ in range(dist_utils.max_over_ranks(len(plan), d.device) - len(plan))]
+    for rows in plan:  # an empty one (a rank with fewer positives): a forward for FSDP's collectives, weight 0
+        dummy, rows = not rows, rows or [0]
         batch = packing.make_batch(full, rows, n_tok, packed=bool(cfg.train.micro_batch_tokens))
         idx = torch.tensor(rows, device=d.device)                                      # [b]
+        keys = [row_key[r][:2] + (None,) if dummy else row_key[r] for r in rows]       # None: no cached row needed
         loss, mb_stats = micro_batch_loss(cfg, d, model, ref_model, ref_cache, batch, adv_all[idx],
-                                          rewards_all[idx], [row_key[r] for r in rows], counts)
+                                          rewards_all[idx] * (not dummy), keys, counts)  # (reward 0: masked out)
         loss.backward()
         stats += mb_stats
     all_pos = sum(all(r > 0 for r in it["rewards"]) for it in items)
