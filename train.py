@@ -143,6 +143,8 @@ class TrainConfig:
     save_every: int = 100                 # resumable state every N steps (and at the end / on SIGTERM)
     hf_every: int = 0                     # HF export to hf/step-N every N steps; 0 = only hf/final
     keep_checkpoints: int = 2             # complete states kept under ckpt/
+    async_save: bool = False              # periodic saves written in the background (dcp.async_save), committed
+                                          # after the next step; epoch ends, stops and the last step save in line
     keep_hf: int = 0                      # newest hf/step-N exports kept (a link's target always); 0 = all (exports.py)
     resume: str = "auto"                  # auto (newest complete state in ckpt/) | none
     seed: int = 0                         # sampler order, init, sampling
@@ -609,6 +611,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             if streak >= cfg.train.max_nonfinite:
                 bar.close()  # so the message below is a line of its own
                 raise SystemExit(f"error: {streak} non-finite steps in a row (last at step {step + 1}); aborting")
+        checkpoint.wait_for_save(d)  # (train.async_save: the previous save, written during this step, commits)
         step += 1
         seconds = time.time() - t0
         if d.rank == 0:
@@ -627,7 +630,8 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             extra = {"step": step, "nonfinite_total": nonfinite_total, "sampler": sampler.state_dict(),
                      "validated_epochs": validated}
             checkpoint.save_state(os.path.join(cfg.output_dir, "ckpt"), step, model, optimizer, extra, dist=d,
-                          keep=cfg.train.keep_checkpoints)
+                                  keep=cfg.train.keep_checkpoints, background=cfg.train.async_save and not (
+                                      stopping or epoch_end or step == total_steps))
         if cfg.train.hf_every and step % cfg.train.hf_every == 0:
             exports.export(model, tokenizer, os.path.join(cfg.output_dir, "hf"), f"step-{step}", step, dist=d,
                            keep_steps=cfg.train.keep_hf)
@@ -636,10 +640,6 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             dist_utils.teardown_distributed()
             sys.exit(0)
     bar.close()
-
-
-
-
 
 
 if __name__ == "__main__":
