@@ -98,6 +98,8 @@ class LossConfig:
     all_positive_bias: float = 0.0        # b added to the advantage of all-positive groups (blog: 0.5)
     kl_coef: float = 0.0                  # beta of the k3 KL to the reference model
     ref_logprobs: str = "live"            # live (frozen reference model) | cached (pre-pass, off-policy only)
+    ref_shard_every: int = 256            # cached: the pre-pass commits a shard every N micro-batches (a restart or
+                                          # SIGTERM resumes at the last one every rank committed; reference.py)
     entropy_coef: float = 0.0             # entropy bonus (released code: 0.001); subtracted from the loss
     luffy_gamma: float | None = None      # off-policy shaping f(p) = p / (p + gamma); None = off
     kl_clamp: float | None = None         # k3 clamped to [-c, c] (released code's low_var_kl: 10); None = off
@@ -236,6 +238,7 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1]")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     need(cfg.train.micro_batch_tokens >= 0, "train.micro_batch_tokens must be >= 0 (0 = padded micro-batches)")
+    need(cfg.loss.ref_shard_every >= 1, "loss.ref_shard_every must be >= 1")
     need(cfg.train.keep_hf >= 0, f"train.keep_hf must be >= 0 (0 = every hf/step-N kept), got {cfg.train.keep_hf}")
     bad_loggers = loggers.check(cfg.train.loggers, cfg.train.wandb_mode)
     need(bad_loggers is None, bad_loggers)
@@ -303,7 +306,7 @@ def run(cfg: Config) -> None:
     ref_cache = None
     if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached":
         ref_cache = reference.prepare(cfg, d, lambda batch: logprobs(cfg, d, model, batch), dataset, tokenizer,
-                                      step)
+                                      step, stop)  # (SIGTERM inside it: shards committed, exit 0)
     metrics = open_metrics_log(cfg, d, step)
     engine = sampling.make_engine(cfg, d)  # rollout.backend=vllm: this rank's engine; else None (HF generate)
     try:
