@@ -3,7 +3,8 @@
 save_state writes the sharded model + optimizer (torch.distributed.checkpoint) and each rank's extra state and
 RNG states (JSON + safetensors, no pickle) into ckpt/step-N.tmp, writes the COMPLETE marker and renames it to
 ckpt/step-N: a checkpoint without the marker, or still *.tmp, is never taken (latest_state). load_state reshards
-to the current model's layout; the per-rank state needs the same world size.
+to the current model's layout; the per-rank state needs the same world size. train.async_save: the shards
+are written in the background (dcp.async_save) and committed by the same marker and rename once written.
 """
 import json
 import os
@@ -75,10 +76,19 @@ def _join_tensors(obj, tensors: dict):
     return obj
 
 
-def save_state(ckpt_root: str, step: int, model, optimizer, extra: dict, *, dist: Dist, keep: int = 2) -> str:
+_PENDING: dict = {}  # the background save in flight (train.async_save): its future and what commits it
+_SAVE_GROUP: list = []  # a gloo group of its own for the background writer's collectives (made once)
+
+
+def save_state(ckpt_root: str, step: int, model, optimizer, extra: dict, *, dist: Dist, keep: int = 2,
+               background: bool = False) -> str:
     """Sharded model + optimizer state (dcp.save) and per-rank `extra` + RNG states (rank<R>.json/.safetensors,
     no pickle) into ckpt_root/step-<N>.tmp; rank 0 then writes the COMPLETE marker and renames to step-<N>
-    (the commit point) and deletes complete checkpoints beyond the newest `keep`. Returns the final path."""
+    (the commit point) and deletes complete checkpoints beyond the newest `keep`. Returns the final path.
+    background: dcp.async_save copies this rank's shards to host memory now (what is saved is this step's
+    state, whatever training does next) and writes them in a thread on a gloo group of its own; the commit
+    waits for wait_for_save (the next save, or the caller after its next step). Until then it stays *.tmp."""
+    wait_for_save(dist)  # one save in flight at a time
     final = os.path.join(ckpt_root, f"step-{step}")
     tmp = final + ".tmp"
     if dist.rank == 0:
@@ -86,7 +96,14 @@ def save_state(ckpt_root: str, step: int, model, optimizer, extra: dict, *, dist
         os.makedirs(tmp)
     tdist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if background:
+        if not _SAVE_GROUP:
+            _SAVE_GROUP.append(tdist.new_group(backend="gloo"))  # (collective: every rank saves together)
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp,
+                                process_group=_SAVE_GROUP[0])
+    else:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        future = None
     tensors: dict[str, torch.Tensor] = {}
     rng_meta, rng_tensors = _rng_state()
     meta = {"extra": _split_tensors(extra, tensors, "extra"), "rng": rng_meta}
@@ -94,16 +111,30 @@ def save_state(ckpt_root: str, step: int, model, optimizer, extra: dict, *, dist
     safetensors.torch.save_file(tensors, os.path.join(tmp, f"rank{dist.rank}.safetensors"))
     with open(os.path.join(tmp, f"rank{dist.rank}.json"), "w") as f:
         json.dump(meta, f)
+    _PENDING.update(future=future, tmp=tmp, final=final, root=ckpt_root, step=step, keep=keep)
+    if not background:
+        wait_for_save(dist)
+    return final
+
+
+def wait_for_save(dist: Dist) -> None:
+    """Commit the save in flight, if any: this rank's write done, a barrier, then rank 0's COMPLETE marker,
+    the rename and the pruning. Collective when a save is pending (every rank has one then)."""
+    if not _PENDING:
+        return
+    p = dict(_PENDING)
+    _PENDING.clear()
+    if p["future"] is not None:
+        p["future"].result()  # (a failed background write raises here)
     tdist.barrier()
     if dist.rank == 0:
-        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
-            json.dump({"step": step, "world_size": dist.world_size}, f)
-        replace_dir(tmp, final)  # the commit: one rename (a same-step final is moved aside, then deleted)
-        complete = _complete_states(ckpt_root)
-        for old in complete[:-keep] if keep > 0 else []:
+        with open(os.path.join(p["tmp"], COMPLETE_MARKER), "w") as f:
+            json.dump({"step": p["step"], "world_size": dist.world_size}, f)
+        replace_dir(p["tmp"], p["final"])  # the commit: one rename (a same-step final is moved aside, then deleted)
+        complete = _complete_states(p["root"])
+        for old in complete[:-p["keep"]] if p["keep"] > 0 else []:
             shutil.rmtree(old[1])
     tdist.barrier()
-    return final
 
 
 def _complete_states(ckpt_root: str) -> list[tuple[int, str]]:

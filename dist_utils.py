@@ -58,6 +58,13 @@ def teardown_distributed() -> None:
         tdist.destroy_process_group()
 
 
+def max_over_ranks(n: int, device) -> int:
+    """The largest n over all ranks (one all-reduce): e.g. the micro-batch count every rank must run under FSDP."""
+    t = torch.tensor([float(n)], device=device)                                       # [1]
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def print0(*args, **kwargs) -> None:
     if not tdist.is_initialized() or tdist.get_rank() == 0:
         print(*args, **kwargs, flush=True)

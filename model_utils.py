@@ -302,13 +302,20 @@ def save_hf(model, tokenizer, out_dir: str, *, dist: Dist, max_shard_bytes: int 
     """Write an HF model dir via out_dir.tmp -> out_dir: safetensors in config.dtype (the loaded checkpoint's;
     fp32 for init_config), sharded with model.safetensors.index.json above max_shard_bytes, tied copies
     left out (HF re-ties on load), config.json, generation_config.json (eos/pad from the tokenizer where
-    unset, so HF generate stops at end-of-turn), tokenizer files. Collective: all ranks call it."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    unset, so HF generate stops at end-of-turn), tokenizer files. Collective: all ranks call it.
+    Each tensor is cast to the storage dtype on its shard, then all-gathered (in that dtype) and offloaded to
+    rank 0's host one at a time: rank 0 holds the written bytes (7B bf16: 15 GB), never a full fp32 copy (30 GB)."""
+    aliases = _param_aliases(model)
+    state = {}
+    for name, t in get_model_state_dict(model).items():  # sharded DTensors: no gather, no copy yet
+        if name in aliases:
+            continue
+        t = t.to(model.config.dtype)                                                    # cast the local shard
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t                         # gather in that dtype
+        if dist.rank == 0:
+            state[name] = t.cpu().contiguous()
+        del t
     if dist.rank == 0:
-        for alias in _param_aliases(model):
-            state.pop(alias)
-        for name in state:  # one tensor at a time, so the fp32 and storage copies never coexist in full
-            state[name] = state[name].to(model.config.dtype).contiguous()
         shards, size = [{}], 0
         for name, t in state.items():
             nbytes = t.numel() * t.element_size()

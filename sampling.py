@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
 import torch.distributed as dist
 
 import eval.math as eval_math
-import checkpoint
+import exports
 import model_utils as mu
 import reward
 from eval.metrics import summarize
@@ -91,7 +90,8 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
     """After epoch `epoch`: every rank samples validation.n answers to its share of the problems (r::world,
     mu.generate: collective-free decoding), grades them with eval.math.grade; rank 0 summarises them
     (eval.metrics.summarize), logs a metrics row with val/ keys, and -- after the hf/epoch-N export --
-    copies that export to hf/best with best.json when its val/avg@n beats the best so far (ties: earlier)."""
+    points hf/best at that export (a relative symlink, exports.link) with best.json when its val/avg@n beats the
+    best so far (ties: earlier)."""
     vc = cfg.validation
     t0 = time.time()
     instruction = eval_math.BOXED_INSTRUCTION if vc.instruction else ""
@@ -109,8 +109,8 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
         samples.append(eval_math.grade(mine[i // vc.n], i % vc.n, text, len(resp), not done))
     gathered = [None] * d.world_size
     dist.all_gather_object(gathered, samples)
-    epoch_dir = os.path.join(cfg.output_dir, "hf", f"epoch-{epoch}")
-    mu.save_hf(model, tokenizer, epoch_dir, dist=d)
+    exports.export(model, tokenizer, os.path.join(cfg.output_dir, "hf"), f"epoch-{epoch}", step, dist=d,
+                   keep_steps=cfg.train.keep_hf)
     if d.rank == 0:
         summary = summarize([s for part in gathered for s in part])
         scores = {f"val/{k}": v for k, v in summary.items() if k.startswith(("avg@", "pass@", "maj@"))}
@@ -124,10 +124,7 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
             with open(best_path) as f:
                 best = json.load(f)
         if best is None or scores["val/avg@n"] > best["scores"]["val/avg@n"] or best["epoch"] == epoch:
-            best_dir = os.path.join(cfg.output_dir, "hf", "best")
-            shutil.rmtree(best_dir + ".tmp", ignore_errors=True)
-            shutil.copytree(epoch_dir, best_dir + ".tmp")
-            checkpoint.replace_dir(best_dir + ".tmp", best_dir)
+            exports.link(f"epoch-{epoch}", os.path.join(cfg.output_dir, "hf", "best"))  # a link, not a 15 GB copy
             with open(best_path + ".tmp", "w") as f:
                 json.dump({"epoch": epoch, "step": step, "scores": scores}, f)
             os.replace(best_path + ".tmp", best_path)  # (a kill between the two: the resumed run repeats this)

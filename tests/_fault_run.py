@@ -9,7 +9,12 @@ checkpoint.save_state calls, then runs train.main unchanged:
                       (after dcp.save wrote the shards), then SIGKILLs itself: a half-written checkpoint
                       without the COMPLETE marker, and a peer left waiting in the next barrier;
   kill_before_commit  the rank (0: it commits) SIGKILLs itself after COMPLETE is in ckpt/step-<step>.tmp,
-                      just before the rename that commits it.
+                      just before the rename that commits it;
+  kill_in_prepass     the rank SIGKILLs itself as it starts writing its <step>-th reference pre-pass shard
+                      (ref_logprobs/rank<R>/shard-*.tmp): <step> - 1 shards committed, a peer left waiting;
+  sigterm_in_prepass  the rank sends SIGTERM to its torchrun launcher (which passes it to every worker) once
+                      its <step>-th pre-pass shard is committed; its micro-batches take 0.2 s each from the start,
+                      so the pre-pass is still running when the signal arrives.
 Before train.main, rank 0 of every attempt appends what a fresh process finds to OFFGRPO_PROBE:
 {"attempt", "latest": checkpoint.latest_state(ckpt), "dirs": {name: has COMPLETE} for each dir in ckpt/}.
 """
@@ -58,6 +63,28 @@ def inject(kind: str, step: int, rank: int) -> None:
                 die()
             return real_rename(src, dst)
         os.rename = rename_or_die
+    elif kind in ("kill_in_prepass", "sigterm_in_prepass"):
+        import reference
+        import time
+        real, written = safetensors.torch.save_file, []
+
+        def save_shard(tensors, filename, metadata=None):
+            shard = os.path.join("ref_logprobs", f"rank{rank}", "shard-") in filename
+            if shard:
+                written.append(filename)
+            if shard and kind == "kill_in_prepass" and len(written) == step:
+                die()
+            real(tensors, filename, metadata=metadata)
+            if shard and kind == "sigterm_in_prepass" and len(written) == step:
+                os.kill(os.getppid(), signal.SIGTERM)
+        safetensors.torch.save_file = save_shard  # reference.py calls safetensors.torch.save_file
+        if kind == "sigterm_in_prepass":
+            rows_batch = reference._rows_batch
+
+            def slow_rows_batch(*args, **kwargs):
+                time.sleep(0.2)
+                return rows_batch(*args, **kwargs)
+            reference._rows_batch = slow_rows_batch
     else:
         raise ValueError(f"unknown fault {kind!r}")
 

@@ -182,6 +182,74 @@ def test_restarts_without_a_fresh_rendezvous_store_are_refused(monkeypatch):
         dist_utils.setup_distributed()
 
 
+# --------------------------------------------------------------------------- 3b. the reference pre-pass
+
+def prepass_config(lab):
+    """Cached reference, one sequence per micro-batch (24 per rank), a shard every 4: 6 shards per rank."""
+    cfg = config(lab, micro_batch_size=1, max_steps=2)
+    cfg["loss"] = {**cfg["loss"], "ref_logprobs": "cached", "ref_shard_every": 4}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepass_reference(lab):
+    out = lab["root"] / "prepass_reference"
+    rc, log = finish(start(out, prepass_config(lab)))
+    assert rc == 0, log[-5000:]
+    return out
+
+
+def cached_logprobs(out):
+    import reference
+    cache = reference.RefCache(str(out / "ref_logprobs"), 2)
+    return {k: cache._get(k) for k in sorted(cache.where)}
+
+
+def assert_same_prepass(reference_run, out):
+    """The cache of an interrupted-and-resumed pre-pass equals the uninterrupted one exactly (every key), and so
+    do the training steps after it."""
+    ref, got = cached_logprobs(reference_run), cached_logprobs(out)
+    assert ref.keys() == got.keys() and len(ref) == 12 * 4
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(reference_run)]
+    assert os.path.isfile(out / "ref_logprobs" / "COMPLETE")
+
+
+def test_prepass_killed_midway_resumes_and_equals_an_uninterrupted_one(lab, prepass_reference):
+    """Rank 1 dies as it writes its 3rd shard (2 committed: micro-batches 0-8); rank 0 may have committed more.
+    The restart resumes at the micro-batch both committed, not at 0, and ends with the uninterrupted cache."""
+    out = lab["root"] / "prepass_killed"
+    faults = [{"kind": "kill_in_prepass", "step": 3, "rank": 1}]
+    proc = start(out, prepass_config(lab), restarts=1, script="tests/_fault_run.py",
+                 env={"OFFGRPO_FAULTS": json.dumps(faults), "OFFGRPO_PROBE": str(out) + ".probe.jsonl"})
+    rc, log = finish(proc)
+    assert rc == 0, log[-5000:]
+    assert "exitcode: -9" in log and "ref logprobs: resuming the pre-pass at micro-batch 8 of 24" in log, log[-5000:]
+    assert_same_prepass(prepass_reference, out)
+
+
+def test_sigterm_inside_the_prepass_exits_0_with_its_shards(lab, prepass_reference):
+    """SIGTERM reaches the launcher after rank 0's first shard: every rank commits its partial shard at the same
+    micro-batch and exits 0 (no traceback, nothing trained); the next start resumes there and ends equal."""
+    out = lab["root"] / "prepass_sigterm"
+    faults = [{"kind": "sigterm_in_prepass", "step": 1, "rank": 0}]
+    proc = start(out, prepass_config(lab), script="tests/_fault_run.py",
+                 env={"OFFGRPO_FAULTS": json.dumps(faults), "OFFGRPO_PROBE": str(out) + ".probe.jsonl"})
+    rc, log = finish(proc)
+    stopped = re.search(r"SIGTERM: reference pre-pass stopped after micro-batch (\d+) of 24", log)
+    assert stopped and 4 <= int(stopped[1]) < 24, log[-5000:]
+    # the workers exited 0: no traceback of theirs ("[rank<r>]: Traceback"), no failure summary ("exitcode"); the
+    # launcher's own SignalException traceback is torchrun's way to exit after a SIGTERM (README: Preemption)
+    assert "]: Traceback" not in log and "exitcode" not in log, log[-5000:]
+    ends = [sorted(int(n.split("-")[2].split(".")[0]) for n in os.listdir(out / "ref_logprobs" / f"rank{r}"))
+            for r in range(2)]
+    assert ends[0][-1] == ends[1][-1] == int(stopped[1])  # both ranks' shards end where they stopped
+    assert not (out / "ref_logprobs" / "COMPLETE").exists() and not (out / "metrics.jsonl").exists()
+    rc, log = finish(start(out, prepass_config(lab)))
+    assert rc == 0 and f"resuming the pre-pass at micro-batch {stopped[1]} of 24" in log, log[-5000:]
+    assert_same_prepass(prepass_reference, out)
+
+
 # --------------------------------------------------------------------------- 4. bad configs
 
 def run_plain(cfg_path, *overrides):

@@ -427,7 +427,7 @@ def test_num_questions_draws_a_subset_and_sets_the_step_count(lab):
 
 
 def test_validation_each_epoch_exports_epochs_keeps_the_best_and_survives_a_resume(lab):
-    """validation.every_epochs=1 over 2 epochs: val/ rows, hf/epoch-1 and hf/epoch-2, hf/best a copy of the
+    """validation.every_epochs=1 over 2 epochs: val/ rows, hf/epoch-1 and hf/epoch-2, hf/best a link to the
     epoch with the highest val/avg@n (the earlier on a tie) and best.json; stopped in epoch 2, or at the last
     step of epoch 1, and resumed: the same rows, exports and best."""
     cfg = grpo_config(lab, "x", epochs=2, max_steps=-1, save_every=1)
@@ -444,6 +444,10 @@ def test_validation_each_epoch_exports_epochs_keeps_the_best_and_survives_a_resu
     assert best["epoch"] == 1 + scores.index(max(scores)) and best["scores"]["val/avg@n"] == max(scores)
     assert best["step"] == 2 * best["epoch"]
     assert_same_weights(full / "hf" / "best", full / "hf" / f"epoch-{best['epoch']}", atol=0)
+    assert os.readlink(full / "hf" / "best") == f"epoch-{best['epoch']}"  # a relative link, not a copy ...
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(str(full / "hf" / "best"))  # ... that loads
+    assert os.readlink(full / "hf" / "final") == "epoch-2"  # the last step's export is not written twice
     with pytest.raises(AssertionError):  # the two epochs' exports differ (training moved the policy)
         assert_same_weights(full / "hf" / "epoch-1", full / "hf" / "epoch-2", atol=1e-7)
     assert_same_weights(full / "hf" / "epoch-2", full / "hf" / "final", atol=0)
