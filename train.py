@@ -11,7 +11,8 @@ One optimizer step:
   3. N_seq = number of sequences in the step over all ranks (SFT: positive ones) -- computed once,
      all-reduced; the loss divides by it and FSDP sums gradients without dividing again (eq. 6);
   4. per micro-batch: logp by the fused lm_head+log-softmax (fused_logprob.py), ref_logp (live model
-     or cached pre-pass) for the k3 KL, advantages per group, the per-token loss (loss.py), backward;
+     or cached pre-pass) for the k3 KL, advantages per group, the per-token loss (loss.py), backward
+     (dpo: pairs per group, a no-grad pass for the sequence sums, then a weighted backward: dpo.py);
   5. clip the grad norm, AdamW step, warmup + cosine; a non-finite loss or grad norm skips the step;
   6. log the step's metrics row (train.loggers: metrics.jsonl, TensorBoard, W&B), save resumable state
      (ckpt/, checkpoint.py) and HF exports (hf/step-N, hf/final);
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import data
+import dpo
 import loggers
 import loss as L
 import checkpoint
@@ -91,7 +93,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "offgrpo"                 # sft | offgrpo | onpolicy
+    name: str = "offgrpo"                 # sft | offgrpo | onpolicy | dpo (pairs of a group's teacher samples, dpo.py)
     clip_eps: float | None = 0.2          # PPO clip epsilon; None = no clip (the released code)
     scale_by_std: bool = True             # divide advantages by the group std (blog) or not (released code)
     all_positive_bias: float = 0.0        # b added to the advantage of all-positive groups (blog: 0.5)
@@ -104,6 +106,9 @@ class LossConfig:
                                           # (the blog's 1/G sum_i 1/|o_i| sum_t) | token-mean (DAPO: / response tokens
                                           # of the step) | seq-mean-token-sum-norm (Dr.GRPO: sum_t / agg_len, / N_seq)
     agg_len: int | None = None            # L of seq-mean-token-sum-norm: the response-token budget
+    dpo_beta: float = 0.1                 # DPO's beta: -log sigmoid(beta * margin) per (positive, negative) pair
+    dpo_norm: str = "sum"                 # DPO's per-sequence log-prob: sum over response tokens | mean (per token)
+    dpo_nll_coef: float = 0.0             # > 0: + coef * token-mean NLL of each pair's chosen response (iterative RPO)
 
 
 @dataclass
@@ -195,7 +200,9 @@ def load_config(path: str, overrides: list[str], *, check_paths: bool = True) ->
 def validate(cfg: Config) -> None:
     """Cross-field checks, before the run touches output_dir."""
     need(cfg.output_dir, "output_dir is required")
-    need(cfg.loss.name in ("sft", "offgrpo", "onpolicy"), f"loss.name must be sft, offgrpo or onpolicy, got {cfg.loss.name!r}")
+    need(cfg.loss.name in ("sft", "offgrpo", "onpolicy", "dpo"),
+         f"loss.name must be sft, offgrpo, onpolicy or dpo, got {cfg.loss.name!r}")
+    dpo.validate(cfg)
     need(cfg.loss.ref_logprobs in ("live", "cached"), f"loss.ref_logprobs must be live or cached, got {cfg.loss.ref_logprobs!r}")
     need(not (cfg.loss.name == "onpolicy" and cfg.loss.ref_logprobs == "cached" and cfg.loss.kl_coef > 0),
          "loss.ref_logprobs=cached needs fixed responses; onpolicy samples new ones -- use live")
@@ -296,7 +303,7 @@ def run(cfg: Config) -> None:
     print0(f"model: {mu.num_params(model) / 1e6:.2f}M params, world {d.world_size}, {total_steps} steps")
     step, nonfinite_total, validated = resume(cfg, d, model, optimizer, sampler)
     ref_cache = None
-    if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached":
+    if (cfg.loss.kl_coef > 0 or cfg.loss.name == "dpo") and cfg.loss.ref_logprobs == "cached":
         ref_cache = reference.prepare(cfg, d, lambda batch: logprobs(cfg, d, model, batch), dataset, tokenizer,
                                       step)
     metrics = open_metrics_log(cfg, d, step)
@@ -407,7 +414,7 @@ def build_models(cfg: Config, d, *, device_type: str | None = None):
     model = mu.build_model(**build, activation_checkpointing=cfg.model.activation_checkpointing,
                            reshard_after_forward=cfg.model.reshard_after_forward)
     ref_model = None
-    if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "live":
+    if (cfg.loss.kl_coef > 0 or cfg.loss.name == "dpo") and cfg.loss.ref_logprobs == "live":
         ref_model = mu.build_model(**build, activation_checkpointing=False, requires_grad=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
@@ -514,11 +521,9 @@ def micro_batch_loss(cfg: Config, d, model, ref_model, ref_cache, batch: dict, a
     return loss, stats
 
 
-def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: list[dict], qidx: list[int],
-               lr: float, pad_id: int) -> dict:
-    """One optimizer step over this rank's groups: advantages per whole group (eqs. 1-2), then the micro-batches
-    (packing.micro_batches: packed or padded), backward each; grad-norm clip and AdamW unless the loss or norm is
-    non-finite."""
+def grpo_backward(cfg: Config, d, model, ref_model, ref_cache, items: list[dict], qidx: list[int], pad_id: int) -> dict:
+    """The step's per-token loss, backward: advantages per whole group (eqs. 1-2), then the micro-batches
+    (packing.micro_batches: packed or padded), backward each. Returns the step's loss and metrics."""
     G, lc = cfg.data.group_size, cfg.loss
     counts = step_counts(cfg, d, items)
     full = data.collate(items, pad_id)
@@ -547,20 +552,31 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
         ref_model.reshard()
     dist.all_reduce(stats)
     loss_sum, tokens, adv_sum, kl_sum, ent_sum, reward_sum, all_pos, n_q = stats.tolist()
+    n = counts.num_seqs
+    return {"loss": loss_sum / n, "tokens": tokens, "perf/micro_batches": len(plan),
+            "policy/adv_mean": adv_sum / n, "policy/kl_mean": kl_sum / n, "policy/entropy": ent_sum / n,
+            "data/all_positive_share": all_pos / n_q, "data/reward_mean": reward_sum / (n_q * G)}
+
+
+def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: list[dict], qidx: list[int],
+               lr: float, pad_id: int) -> dict:
+    """One optimizer step over this rank's groups: the backward of loss.name (grpo_backward; dpo: dpo.backward's
+    two passes), then grad-norm clip and AdamW unless the loss or norm is non-finite."""
+    if cfg.loss.name == "dpo":
+        row = dpo.backward(cfg, d, model, ref_model, ref_cache, items, qidx, pad_id,
+                           lambda m, batch: logprobs(cfg, d, m, batch))
+    else:
+        row = grpo_backward(cfg, d, model, ref_model, ref_cache, items, qidx, pad_id)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    step_loss = loss_sum / counts.num_seqs
     for g in optimizer.param_groups:
         g["lr"] = lr
-    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    finite = math.isfinite(row["loss"]) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n = counts.num_seqs
-    return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "finite": finite,
-            "perf/micro_batches": len(plan),
-            "policy/adv_mean": adv_sum / n, "policy/kl_mean": kl_sum / n, "policy/entropy": ent_sum / n,
-            "data/all_positive_share": all_pos / n_q, "data/reward_mean": reward_sum / (n_q * G)}
+    return {"loss": row.pop("loss"), "lr": lr, "grad_norm": grad_norm, "tokens": row.pop("tokens"),
+            "finite": finite, **row}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -626,10 +642,6 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
             dist_utils.teardown_distributed()
             sys.exit(0)
     bar.close()
-
-
-
-
 
 
 if __name__ == "__main__":
