@@ -7,7 +7,7 @@
 One optimizer step:
   1. the sampler draws `questions_per_step` questions (the same set for any world size); each rank
      takes its share, every question with its whole group of G responses;
-  2. on-policy only: sample G responses per question with the current policy, score them (sampling.rollout);
+  2. on-policy and rft only: sample G responses per question with the current policy, score them (sampling.rollout);
   3. N_seq = number of sequences in the step over all ranks (SFT: positive ones) -- computed once,
      all-reduced; the loss divides by it and FSDP sums gradients without dividing again (eq. 6);
   4. per micro-batch: logp by the fused lm_head+log-softmax (fused_logprob.py), ref_logp (live model
@@ -94,6 +94,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = "offgrpo"                 # sft | offgrpo | onpolicy | dpo (pairs of a group's teacher samples, dpo.py)
+                                          # | rft (SFT on the policy's own correct samples: rejection sampling)
     clip_eps: float | None = 0.2          # PPO clip epsilon; None = no clip (the released code)
     scale_by_std: bool = True             # divide advantages by the group std (blog) or not (released code)
     all_positive_bias: float = 0.0        # b added to the advantage of all-positive groups (blog: 0.5)
@@ -112,7 +113,7 @@ class LossConfig:
 
 
 @dataclass
-class RolloutConfig:                      # on-policy sampling (loss.name = onpolicy)
+class RolloutConfig:                      # the policy's own samples (loss.name = onpolicy | rft)
     temperature: float = 1.0              # sampling temperature
     top_p: float = 1.0                    # nucleus sampling
     max_new_tokens: int = 1024            # response budget per sample (tokens)
@@ -200,12 +201,12 @@ def load_config(path: str, overrides: list[str], *, check_paths: bool = True) ->
 def validate(cfg: Config) -> None:
     """Cross-field checks, before the run touches output_dir."""
     need(cfg.output_dir, "output_dir is required")
-    need(cfg.loss.name in ("sft", "offgrpo", "onpolicy", "dpo"),
-         f"loss.name must be sft, offgrpo, onpolicy or dpo, got {cfg.loss.name!r}")
+    need(cfg.loss.name in ("sft", "offgrpo", "onpolicy", "dpo", "rft"),
+         f"loss.name must be sft, offgrpo, onpolicy, dpo or rft, got {cfg.loss.name!r}")
     dpo.validate(cfg)
     need(cfg.loss.ref_logprobs in ("live", "cached"), f"loss.ref_logprobs must be live or cached, got {cfg.loss.ref_logprobs!r}")
-    need(not (cfg.loss.name == "onpolicy" and cfg.loss.ref_logprobs == "cached" and cfg.loss.kl_coef > 0),
-         "loss.ref_logprobs=cached needs fixed responses; onpolicy samples new ones -- use live")
+    need(not (cfg.loss.name in ("onpolicy", "rft") and cfg.loss.ref_logprobs == "cached" and cfg.loss.kl_coef > 0),
+         f"loss.ref_logprobs=cached needs fixed responses; {cfg.loss.name} samples new ones -- use live")
     need(cfg.model.logprob_backend in ("auto", "triton", "torch"), "model.logprob_backend must be auto, triton or torch")
     need(cfg.model.logprob_backend != "triton" or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
          "model.logprob_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, the interpreter); use auto or torch")
@@ -214,7 +215,7 @@ def validate(cfg: Config) -> None:
     need((cfg.model.path is None) != (cfg.model.init_config is None), "set exactly one of model.path and model.init_config")
     need(cfg.model.tokenizer is not None or cfg.model.path is not None, "model.tokenizer is required with model.init_config")
     need(cfg.data.group_size >= 1, "data.group_size must be >= 1")
-    need(cfg.loss.name == "sft" or cfg.data.group_size >= 2, "GRPO needs data.group_size >= 2")
+    need(cfg.loss.name in ("sft", "rft") or cfg.data.group_size >= 2, "GRPO needs data.group_size >= 2")
     need(cfg.loss.luffy_gamma is None or cfg.loss.clip_eps is None,
          "loss.luffy_gamma replaces the clip: set loss.clip_eps=null with it")
     need(cfg.train.questions_per_step >= 1 and cfg.train.micro_batch_size >= 1, "batch sizes must be >= 1")
@@ -470,7 +471,7 @@ class StepCounts:
 
 def step_counts(cfg: Config, d, items: list[dict]) -> StepCounts:
     """N_seq and N_tok over the whole step and all ranks (one all-reduce, on the device NCCL serves)."""
-    sft = cfg.loss.name == "sft"
+    sft = cfg.loss.name in ("sft", "rft")
     masks = [m for it in items for m, r in zip(it["loss_mask"], it["rewards"]) if r > 0 or not sft]
     t = torch.tensor([float(len(masks)), float(sum(sum(m) for m in masks))], dtype=torch.float64,
                      device=d.device)                                                  # [2]
@@ -502,7 +503,7 @@ def micro_batch_loss(cfg: Config, d, model, ref_model, ref_cache, batch: dict, a
     elif ref_model is not None:
         with torch.no_grad():
             ref_logp = logprobs(cfg, d, ref_model, batch)                               # [b, t]
-    if lc.name == "sft":
+    if lc.name in ("sft", "rft"):  # (rft: the rollouts' rewards, graded against the gold)
         mask = mask * (rewards > 0).float()[:, None]                                   # positive responses only
         token_loss = L.sft_token_loss(logp, ref_logp=ref_logp, kl_coef=lc.kl_coef, kl_clamp=lc.kl_clamp)  # [b, t]
     elif lc.name == "offgrpo":
@@ -528,7 +529,7 @@ def grpo_backward(cfg: Config, d, model, ref_model, ref_cache, items: list[dict]
     counts = step_counts(cfg, d, items)
     full = data.collate(items, pad_id)
     rewards_all = full["rewards"].to(d.device)                                         # [B_rank]
-    if lc.name == "sft":
+    if lc.name in ("sft", "rft"):
         adv_all = torch.zeros_like(rewards_all)                                         # [B_rank]
     else:
         adv_all = L.group_advantages(rewards_all, G, scale_by_std=lc.scale_by_std,
@@ -546,16 +547,18 @@ def grpo_backward(cfg: Config, d, model, ref_model, ref_cache, items: list[dict]
         loss.backward()
         stats += mb_stats
     all_pos = sum(all(r > 0 for r in it["rewards"]) for it in items)
-    stats = torch.cat([stats, torch.tensor([float(all_pos), float(len(items))], dtype=torch.float64,
-                                           device=d.device)])                          # [8]
+    kept = sum(any(r > 0 for r in it["rewards"]) for it in items)  # questions with a positive response
+    stats = torch.cat([stats, torch.tensor([float(all_pos), float(len(items)), float(kept)], dtype=torch.float64,
+                                           device=d.device)])                          # [9]
     if ref_model is not None:
         ref_model.reshard()
     dist.all_reduce(stats)
-    loss_sum, tokens, adv_sum, kl_sum, ent_sum, reward_sum, all_pos, n_q = stats.tolist()
+    loss_sum, tokens, adv_sum, kl_sum, ent_sum, reward_sum, all_pos, n_q, kept = stats.tolist()
     n = counts.num_seqs
     return {"loss": loss_sum / n, "tokens": tokens, "perf/micro_batches": len(plan),
             "policy/adv_mean": adv_sum / n, "policy/kl_mean": kl_sum / n, "policy/entropy": ent_sum / n,
-            "data/all_positive_share": all_pos / n_q, "data/reward_mean": reward_sum / (n_q * G)}
+            "data/all_positive_share": all_pos / n_q, "data/reward_mean": reward_sum / (n_q * G),
+            **({"data/kept_share": kept / n_q} if lc.name == "rft" else {})}
 
 
 def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: list[dict], qidx: list[int],
@@ -604,7 +607,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         t0 = time.time()
         qidx = sampler.next_step()                                                     # this rank's questions
         items = [dataset[i] for i in qidx]
-        if cfg.loss.name == "onpolicy":
+        if cfg.loss.name in ("onpolicy", "rft"):  # the policy's own samples, graded against the gold
             items = sampling.rollout(cfg, d, model, tokenizer, items, step, engine)
         row = train_step(cfg, d, model, ref_model, ref_cache, optimizer, items, qidx,
                          lr_at(step, cfg.optim, total_steps), tokenizer.pad_token_id)

@@ -259,9 +259,9 @@ def rehearse(cfg, world: int, gpu_memory: float = 80.0) -> dict:
             phases["ref_prepass"] = phase_ref_prepass(cfg, d, model, FSDPMemTracker)
         phases["train_step"] = phase_train_step(cfg, d, model, ref_model, optimizer, FSDPMemTracker)
         phases["optimizer_step"] = phase_optimizer_step(model)
-        if cfg.loss.name == "onpolicy" and cfg.rollout.backend == "vllm":
+        if cfg.loss.name in ("onpolicy", "rft") and cfg.rollout.backend == "vllm":
             phases["rollout"] = phase_vllm_rollout(cfg, model, optimizer, FSDPMemTracker, gpu_memory_gib=gpu_memory)
-        elif cfg.loss.name == "onpolicy":
+        elif cfg.loss.name in ("onpolicy", "rft"):
             phases["rollout"] = phase_generation(
                 cfg, model, optimizer, FSDPMemTracker, max_new_tokens=cfg.rollout.max_new_tokens,
                 rank_samples=cfg.train.questions_per_step // world * cfg.data.group_size)

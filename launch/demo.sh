@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tiny lab end to end on any CPU: synthetic data -> tiny base model (mid-training by SFT) -> each
-# post-training variant from that same base (sft, offgrpo, bias05, krafton_code, onpolicy, dpo; torchrun, 2 ranks),
+# post-training variant from that same base (sft, offgrpo, bias05, krafton_code, onpolicy, dpo, rft; torchrun, 2 ranks),
 # each on a drawn question subset for 2 epochs with validation after each epoch (the blog's protocol) ->
 # evaluation of each variant's best epoch (hf/best) on held-out in-distribution and harder problems ->
 # runs/tiny/results.{md,json,png} and runs/tiny/curves.png (every variant's training curves, eval.plot).
@@ -48,7 +48,7 @@ evaluate() {  # seed name1 dir1 name2 dir2 ...
 mkdir -p $runs/eval
 for seed in $(seq 0 $((seeds - 1))); do
   models=(base $runs/base/hf/final)  # the base once per sampling seed: its spread is eval noise alone
-  for variant in sft offgrpo bias05 krafton_code onpolicy dpo; do
+  for variant in sft offgrpo bias05 krafton_code onpolicy dpo rft; do
     stamp "post-training $variant (seed $seed)"
     "${torchrun[@]}" train.py configs/tiny/$variant.yaml output_dir=$runs/$variant/seed$seed \
       model.path=$runs/base/hf/final train.seed=$seed
@@ -59,6 +59,6 @@ for seed in $(seq 0 $((seeds - 1))); do
 done
 
 python -m eval.table $runs/eval --out $runs/results.md --json $runs/results.json  # + results.png (bar chart)
-python -m eval.plot $runs/{sft,offgrpo,bias05,krafton_code,onpolicy,dpo}/seed* --out $runs/curves.png
+python -m eval.plot $runs/{sft,offgrpo,bias05,krafton_code,onpolicy,dpo,rft}/seed* --out $runs/curves.png
 stamp "done"
 cat $runs/results.md
