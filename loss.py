@@ -1,4 +1,4 @@
-"""GRPO losses: on-policy, off-policy on teacher trajectories, the all-positive bias, and SFT.
+"""GRPO losses: on-policy, off-policy on teacher trajectories, the all-positive bias, SFT, and DPO on teacher pairs.
 
 A question has G responses o_1..o_G with rewards r_i; per token, logp = log pi_theta(o_it | q, o_i<t)
 and p = exp(logp). Every loss below is per token ([B, T], minimised); the three aggregation functions of
@@ -17,6 +17,10 @@ item 5 are the only places that reduce and normalise.
                 seq-mean-token-mean      sum_i ( sum_t m_it*l_it / sum_t m_it ) / N_seq   (the seed; N_seq sequences)
                 token-mean               sum_i sum_t m_it*l_it / N_tok          (DAPO; N_tok response tokens)
                 seq-mean-token-sum-norm  sum_i ( sum_t m_it*l_it / L ) / N_seq  (Dr.GRPO; L the token budget)
+6. DPO on teacher pairs (per pair, not per token): the pairs (w, l) are every (positive, negative) response pair
+   inside a group; S_i = sum_t m_it*logp_it (dpo_norm=mean: S_i / sum_t m_it), S_ref likewise;
+                l_p = -log sigmoid(beta * ((S_w - S_w_ref) - (S_l - S_l_ref)))
+   and the step's loss is sum_p l_p / N_pairs over all pairs of the step on all ranks (dpo.py).
 
 What the off-policy clip does: for A > 0 the gradient is A*p*grad(logp), so low-probability teacher
 tokens learn slowly. For A < 0 the term is the constant (1-eps)*A whenever p < 1-eps, so only the
@@ -174,3 +178,34 @@ def masked_mean(x, mask):
     """sum(m*x) / max(sum(m), 1) over all elements -> scalar; for token-level metrics."""
     mask = mask.to(x.dtype)  # [B, T]
     return (x * mask).sum() / mask.sum().clamp(min=1)  # []
+
+
+def sequence_logp(logp, mask):
+    """S_i = sum_t m_it*logp_it -> [B]: a response's log-probability (the per-sequence sum DPO compares)."""
+    return (logp * mask.to(logp.dtype)).sum(-1)  # [B]
+
+
+def dpo_pairs(rewards, group_size):
+    """Every (positive, negative) pair inside each group: (chosen [P], rejected [P]) long indices into rewards [B].
+
+    Positive: r > 0 (as SFT's rule), negative: r <= 0. Group g (rows g*G .. g*G + G - 1) gives n_pos * n_neg pairs,
+    ordered by group, then chosen, then rejected; an all-positive or all-negative group gives none.
+    """
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards {tuple(rewards.shape)} is not a 1-D batch of whole groups of {group_size}")
+    pos = rewards.view(-1, group_size) > 0  # [B/G, G]
+    pair = pos[:, :, None] & ~pos[:, None, :]  # [B/G, G, G]: (group, chosen j, rejected k)
+    g, j, k = pair.nonzero(as_tuple=True)  # [P] each
+    return g * group_size + j, g * group_size + k  # [P], [P]
+
+
+def dpo_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta):
+    """l_p = -log sigmoid(beta * ((c - c_ref) - (r - r_ref)))  -> [P]   (Rafailov et al. 2023, eq. 7).
+
+    The arguments are per-sequence [P] log-probabilities of each pair's chosen and rejected response under the
+    policy and the reference: sums over response tokens (loss.dpo_norm=sum) or per-token means (mean). The
+    gradient is -beta * sigmoid(-z) * (grad c - grad r), z the margin inside: a pair the policy already orders
+    by a wide margin stops pulling. log sigmoid is computed stably (softplus), so no margin overflows.
+    """
+    margin = (chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp)  # [P]
+    return -torch.nn.functional.logsigmoid(beta * margin)  # [P]

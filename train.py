@@ -7,11 +7,12 @@
 One optimizer step:
   1. the sampler draws `questions_per_step` questions (the same set for any world size); each rank
      takes its share, every question with its whole group of G responses;
-  2. on-policy only: sample G responses per question with the current policy, score them (sampling.rollout);
+  2. on-policy and rft only: sample G responses per question with the current policy, score them (sampling.rollout);
   3. N_seq = number of sequences in the step over all ranks (SFT: positive ones) -- computed once,
      all-reduced; the loss divides by it and FSDP sums gradients without dividing again (eq. 6);
   4. per micro-batch: logp by the fused lm_head+log-softmax (fused_logprob.py), ref_logp (live model
-     or cached pre-pass) for the k3 KL, advantages per group, the per-token loss (loss.py), backward;
+     or cached pre-pass) for the k3 KL, advantages per group, the per-token loss (loss.py), backward
+     (dpo: pairs per group, a no-grad pass for the sequence sums, then a weighted backward: dpo.py);
   5. clip the grad norm, AdamW step, warmup + cosine; a non-finite loss or grad norm skips the step;
   6. log the step's metrics row (train.loggers: metrics.jsonl, TensorBoard, W&B), save resumable state
      (ckpt/, checkpoint.py) and HF exports (hf/step-N, hf/final);
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import data
+import dpo
 import loggers
 import loss as L
 import checkpoint
@@ -93,7 +95,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "offgrpo"                 # sft | offgrpo | onpolicy
+    name: str = "offgrpo"                 # sft | offgrpo | onpolicy | dpo (pairs of a group's teacher samples, dpo.py)
+                                          # | rft (SFT on the policy's own correct samples: rejection sampling)
     clip_eps: float | None = 0.2          # PPO clip epsilon; None = no clip (the released code)
     scale_by_std: bool = True             # divide advantages by the group std (blog) or not (released code)
     all_positive_bias: float = 0.0        # b added to the advantage of all-positive groups (blog: 0.5)
@@ -108,10 +111,13 @@ class LossConfig:
                                           # (the blog's 1/G sum_i 1/|o_i| sum_t) | token-mean (DAPO: / response tokens
                                           # of the step) | seq-mean-token-sum-norm (Dr.GRPO: sum_t / agg_len, / N_seq)
     agg_len: int | None = None            # L of seq-mean-token-sum-norm: the response-token budget
+    dpo_beta: float = 0.1                 # DPO's beta: -log sigmoid(beta * margin) per (positive, negative) pair
+    dpo_norm: str = "sum"                 # DPO's per-sequence log-prob: sum over response tokens | mean (per token)
+    dpo_nll_coef: float = 0.0             # > 0: + coef * token-mean NLL of each pair's chosen response (iterative RPO)
 
 
 @dataclass
-class RolloutConfig:                      # on-policy sampling (loss.name = onpolicy)
+class RolloutConfig:                      # the policy's own samples (loss.name = onpolicy | rft)
     temperature: float = 1.0              # sampling temperature
     top_p: float = 1.0                    # nucleus sampling
     max_new_tokens: int = 1024            # response budget per sample (tokens)
@@ -203,10 +209,12 @@ def load_config(path: str, overrides: list[str], *, check_paths: bool = True) ->
 def validate(cfg: Config) -> None:
     """Cross-field checks, before the run touches output_dir."""
     need(cfg.output_dir, "output_dir is required")
-    need(cfg.loss.name in ("sft", "offgrpo", "onpolicy"), f"loss.name must be sft, offgrpo or onpolicy, got {cfg.loss.name!r}")
+    need(cfg.loss.name in ("sft", "offgrpo", "onpolicy", "dpo", "rft"),
+         f"loss.name must be sft, offgrpo, onpolicy, dpo or rft, got {cfg.loss.name!r}")
+    dpo.validate(cfg)
     need(cfg.loss.ref_logprobs in ("live", "cached"), f"loss.ref_logprobs must be live or cached, got {cfg.loss.ref_logprobs!r}")
-    need(not (cfg.loss.name == "onpolicy" and cfg.loss.ref_logprobs == "cached" and cfg.loss.kl_coef > 0),
-         "loss.ref_logprobs=cached needs fixed responses; onpolicy samples new ones -- use live")
+    need(not (cfg.loss.name in ("onpolicy", "rft") and cfg.loss.ref_logprobs == "cached" and cfg.loss.kl_coef > 0),
+         f"loss.ref_logprobs=cached needs fixed responses; {cfg.loss.name} samples new ones -- use live")
     need(cfg.model.logprob_backend in ("auto", "triton", "torch"), "model.logprob_backend must be auto, triton or torch")
     need(cfg.model.logprob_backend != "triton" or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
          "model.logprob_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, the interpreter); use auto or torch")
@@ -215,7 +223,7 @@ def validate(cfg: Config) -> None:
     need((cfg.model.path is None) != (cfg.model.init_config is None), "set exactly one of model.path and model.init_config")
     need(cfg.model.tokenizer is not None or cfg.model.path is not None, "model.tokenizer is required with model.init_config")
     need(cfg.data.group_size >= 1, "data.group_size must be >= 1")
-    need(cfg.loss.name == "sft" or cfg.data.group_size >= 2, "GRPO needs data.group_size >= 2")
+    need(cfg.loss.name in ("sft", "rft") or cfg.data.group_size >= 2, "GRPO needs data.group_size >= 2")
     need(cfg.loss.luffy_gamma is None or cfg.loss.clip_eps is None,
          "loss.luffy_gamma replaces the clip: set loss.clip_eps=null with it")
     need(cfg.train.questions_per_step >= 1 and cfg.train.micro_batch_size >= 1, "batch sizes must be >= 1")
@@ -310,7 +318,7 @@ def run(cfg: Config) -> None:
     print0(f"model: {mu.num_params(model) / 1e6:.2f}M params, world {d.world_size}, {total_steps} steps")
     step, nonfinite_total, validated = resume(cfg, d, model, optimizer, sampler)
     ref_cache = None
-    if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached":
+    if (cfg.loss.kl_coef > 0 or cfg.loss.name == "dpo") and cfg.loss.ref_logprobs == "cached":
         ref_cache = reference.prepare(cfg, d, lambda batch: logprobs(cfg, d, model, batch), dataset, tokenizer,
                                       step, stop)  # (SIGTERM inside it: shards committed, exit 0)
     metrics = open_metrics_log(cfg, d, step)
@@ -435,7 +443,7 @@ def build_models(cfg: Config, d, *, device_type: str | None = None, resuming: bo
     model = mu.build_model(**build, activation_checkpointing=cfg.model.activation_checkpointing,
                            reshard_after_forward=cfg.model.reshard_after_forward, load_weights=not resuming)
     ref_model = None
-    if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "live":
+    if (cfg.loss.kl_coef > 0 or cfg.loss.name == "dpo") and cfg.loss.ref_logprobs == "live":
         ref_model = mu.build_model(**build, activation_checkpointing=False, requires_grad=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
@@ -491,7 +499,7 @@ class StepCounts:
 
 def step_counts(cfg: Config, d, items: list[dict]) -> StepCounts:
     """N_seq and N_tok over the whole step and all ranks (one all-reduce, on the device NCCL serves)."""
-    sft = cfg.loss.name == "sft"
+    sft = cfg.loss.name in ("sft", "rft")
     masks = [m for it in items for m, r in zip(it["loss_mask"], it["rewards"]) if r > 0 or not sft]
     t = torch.tensor([float(len(masks)), float(sum(sum(m) for m in masks))], dtype=torch.float64,
                      device=d.device)                                                  # [2]
@@ -523,7 +531,7 @@ def micro_batch_loss(cfg: Config, d, model, ref_model, ref_cache, batch: dict, a
     elif ref_model is not None:
         with torch.no_grad():
             ref_logp = logprobs(cfg, d, ref_model, batch)                               # [b, t]
-    if lc.name == "sft":
+    if lc.name in ("sft", "rft"):  # (rft: the rollouts' rewards, graded against the gold)
         mask = mask * (rewards > 0).float()[:, None]                                   # positive responses only
         token_loss = L.sft_token_loss(logp, ref_logp=ref_logp, kl_coef=lc.kl_coef, kl_clamp=lc.kl_clamp)  # [b, t]
     elif lc.name == "offgrpo":
@@ -542,16 +550,14 @@ def micro_batch_loss(cfg: Config, d, model, ref_model, ref_cache, batch: dict, a
     return loss, stats
 
 
-def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: list[dict], qidx: list[int],
-               lr: float, pad_id: int) -> dict:
-    """One optimizer step over this rank's groups: advantages per whole group (eqs. 1-2), then the micro-batches
-    (packing.micro_batches: packed or padded), backward each; grad-norm clip and AdamW unless the loss or norm is
-    non-finite."""
+def grpo_backward(cfg: Config, d, model, ref_model, ref_cache, items: list[dict], qidx: list[int], pad_id: int) -> dict:
+    """The step's per-token loss, backward: advantages per whole group (eqs. 1-2), then the micro-batches
+    (packing.micro_batches: packed or padded), backward each. Returns the step's loss and metrics."""
     G, lc = cfg.data.group_size, cfg.loss
     counts = step_counts(cfg, d, items)
     full = data.collate(items, pad_id)
     rewards_all = full["rewards"].to(d.device)                                         # [B_rank]
-    if lc.name == "sft":
+    if lc.name in ("sft", "rft"):
         adv_all = torch.zeros_like(rewards_all)                                         # [B_rank]
     else:
         adv_all = L.group_advantages(rewards_all, G, scale_by_std=lc.scale_by_std,
@@ -575,26 +581,39 @@ def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: li
         loss.backward()
         stats += mb_stats
     all_pos = sum(all(r > 0 for r in it["rewards"]) for it in items)
-    stats = torch.cat([stats, torch.tensor([float(all_pos), float(len(items))], dtype=torch.float64,
-                                           device=d.device)])                          # [8]
+    kept = sum(any(r > 0 for r in it["rewards"]) for it in items)  # questions with a positive response
+    stats = torch.cat([stats, torch.tensor([float(all_pos), float(len(items)), float(kept)], dtype=torch.float64,
+                                           device=d.device)])                          # [9]
     if ref_model is not None:
         ref_model.reshard()
     dist.all_reduce(stats)
-    loss_sum, tokens, adv_sum, kl_sum, ent_sum, reward_sum, all_pos, n_q = stats.tolist()
+    loss_sum, tokens, adv_sum, kl_sum, ent_sum, reward_sum, all_pos, n_q, kept = stats.tolist()
+    n = counts.num_seqs
+    return {"loss": loss_sum / n, "tokens": tokens, "perf/micro_batches": len(plan),
+            "policy/adv_mean": adv_sum / n, "policy/kl_mean": kl_sum / n, "policy/entropy": ent_sum / n,
+            "data/all_positive_share": all_pos / n_q, "data/reward_mean": reward_sum / (n_q * G),
+            **({"data/kept_share": kept / n_q} if lc.name == "rft" else {})}
+
+
+def train_step(cfg: Config, d, model, ref_model, ref_cache, optimizer, items: list[dict], qidx: list[int],
+               lr: float, pad_id: int) -> dict:
+    """One optimizer step over this rank's groups: the backward of loss.name (grpo_backward; dpo: dpo.backward's
+    two passes), then grad-norm clip and AdamW unless the loss or norm is non-finite."""
+    if cfg.loss.name == "dpo":
+        row = dpo.backward(cfg, d, model, ref_model, ref_cache, items, qidx, pad_id,
+                           lambda m, batch: logprobs(cfg, d, m, batch))
+    else:
+        row = grpo_backward(cfg, d, model, ref_model, ref_cache, items, qidx, pad_id)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    step_loss = loss_sum / counts.num_seqs
     for g in optimizer.param_groups:
         g["lr"] = lr
-    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    finite = math.isfinite(row["loss"]) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n = counts.num_seqs
-    return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "finite": finite,
-            "perf/micro_batches": len(plan),
-            "policy/adv_mean": adv_sum / n, "policy/kl_mean": kl_sum / n, "policy/entropy": ent_sum / n,
-            "data/all_positive_share": all_pos / n_q, "data/reward_mean": reward_sum / (n_q * G)}
+    return {"loss": row.pop("loss"), "lr": lr, "grad_norm": grad_norm, "tokens": row.pop("tokens"),
+            "finite": finite, **row}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -623,7 +642,7 @@ def train_loop(cfg: Config, d, model, ref_model, ref_cache, optimizer, tokenizer
         qidx = sampler.next_step()                                                     # this rank's questions
         items = [dataset[i] for i in qidx]
         generated = None
-        if cfg.loss.name == "onpolicy":
+        if cfg.loss.name in ("onpolicy", "rft"):  # the policy's own samples, graded against the gold
             items = sampling.rollout(cfg, d, model, tokenizer, items, step, engine)
             generated = sampling.generated_tokens(d, items)  # (all ranks: a run's cost, run_summary.json)
         row = train_step(cfg, d, model, ref_model, ref_cache, optimizer, items, qidx,

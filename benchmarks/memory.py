@@ -14,6 +14,8 @@ of data.max_len tokens, or with train.micro_batch_tokens one packed row of at le
 Phases (each one's peak includes the persistent state alive at that point; a live reference model's sharded
 weights are added to every phase, since the tracker follows one root module):
   ref_prepass  cached reference log-probs: no-grad forwards before the first update (no optimizer state yet)
+               (dpo: also the shape of its per-step no-grad pass 1; that pass runs with AdamW's state allocated but
+               no gradients, so train_step, the same forward with grad and the same state, bounds it)
   train_step   two micro-batches' forward + backward with the optimizer step between them (the second sees
                AdamW's state)
   optimizer_step  the clip and AdamW step, computed from the shards (see phase_optimizer_step)
@@ -44,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cli  # noqa: E402
 import dist_utils
+import loss as L  # noqa: E402
 import model_utils as mu  # noqa: E402
 import packing  # noqa: E402
 import train  # noqa: E402
@@ -140,7 +143,12 @@ def phase_train_step(cfg, d, model, ref_model, optimizer, tracker_cls):
     peaks = []
     for _ in range(2):  # the second iteration runs with AdamW's state allocated
         with tracker_cls(model, optimizer) as t:
-            loss, _ = train.micro_batch_loss(cfg, d, model, ref_model, ref_cache, batch, adv, rewards, rows, counts)
+            if cfg.loss.name == "dpo":  # dpo.backward's pass 2 (its no-grad pass 1 has ref_prepass's shapes)
+                mask = batch["loss_mask"][:, 1:].to(d.device)                           # [b, t]
+                loss = L.sequence_logp(train.logprobs(cfg, d, model, batch), mask).sum()
+            else:
+                loss, _ = train.micro_batch_loss(cfg, d, model, ref_model, ref_cache, batch, adv, rewards, rows,
+                                                 counts)
             loss.backward()
         peaks.append(peak(t))
         # Untracked: FSDPMemTracker counts in-place foreach ops on DTensors (clip_grad_norm_'s scaling, AdamW's
@@ -259,13 +267,13 @@ def rehearse(cfg, world: int, gpu_memory: float = 80.0) -> dict:
         through_call(model)
         if ref_model is not None:
             through_call(ref_model)
-        if cfg.loss.kl_coef > 0 and cfg.loss.ref_logprobs == "cached":
+        if (cfg.loss.kl_coef > 0 or cfg.loss.name == "dpo") and cfg.loss.ref_logprobs == "cached":
             phases["ref_prepass"] = phase_ref_prepass(cfg, d, model, FSDPMemTracker)
         phases["train_step"] = phase_train_step(cfg, d, model, ref_model, optimizer, FSDPMemTracker)
         phases["optimizer_step"] = phase_optimizer_step(model)
-        if cfg.loss.name == "onpolicy" and cfg.rollout.backend == "vllm":
+        if cfg.loss.name in ("onpolicy", "rft") and cfg.rollout.backend == "vllm":
             phases["rollout"] = phase_vllm_rollout(cfg, model, optimizer, FSDPMemTracker, gpu_memory_gib=gpu_memory)
-        elif cfg.loss.name == "onpolicy":
+        elif cfg.loss.name in ("onpolicy", "rft"):
             phases["rollout"] = phase_generation(
                 cfg, model, optimizer, FSDPMemTracker, max_new_tokens=cfg.rollout.max_new_tokens,
                 rank_samples=cfg.train.questions_per_step // world * cfg.data.group_size)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tiny lab end to end on any CPU: synthetic data -> tiny base model (mid-training by SFT) -> each
-# post-training variant from that same base (sft, offgrpo, bias05, krafton_code, onpolicy; torchrun, 2 ranks),
+# post-training variant from that same base (sft, offgrpo, bias05, krafton_code, onpolicy, dpo, rft; torchrun),
 # each on a drawn question subset for 2 epochs with validation after each epoch (the blog's protocol) ->
 # evaluation of each variant's best epoch (hf/best) on held-out in-distribution, harder and retention problems ->
 # runs/tiny/results.{md,json,png} and runs/tiny/curves.png (every variant's training curves, eval.plot).
@@ -16,7 +16,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 source launch/lab.sh  # re-running continues where it stopped; rm -rf runs/tiny for a fresh lab
-VARIANTS=(sft offgrpo bias05 krafton_code onpolicy)
+VARIANTS=(sft offgrpo bias05 krafton_code onpolicy dpo rft)
 
 stamp "data"
 lab_data
@@ -32,7 +32,7 @@ done
 
 # + results.png; every row against the base and the blog's comparisons, with 95% bootstrap intervals over problems
 python -m eval.table "$runs/eval" --out "$runs/results.md" --json "$runs/results.json" --baseline base \
-  --pairs bias05-offgrpo,offgrpo-sft,bias05-sft
+  --pairs bias05-offgrpo,offgrpo-sft,bias05-sft,dpo-offgrpo,rft-sft
 python -m eval.plot $(for v in "${VARIANTS[@]}"; do echo "$runs/$v"/seed*; done) --out "$runs/curves.png"
 stamp "done"
 cat "$runs/results.md"

@@ -103,7 +103,7 @@ def test_every_config_loads():
     assert len(paths) >= 10
     for p in paths:
         cfg = train.load_config(p, [], check_paths=False)
-        assert cfg.output_dir and cfg.loss.name in ("sft", "offgrpo", "onpolicy")
+        assert cfg.output_dir and cfg.loss.name in ("sft", "offgrpo", "onpolicy", "dpo", "rft")
         with open(p) as f:
             assert f.readline().startswith("#")  # a header ...
             assert "train.py " + os.path.relpath(p, ROOT) in f.read()  # ... with the exact launch command
@@ -123,7 +123,7 @@ def test_blog_and_released_configs_differ_as_documented():
     ("loss.kl_coef=abc", "loss.kl_coef: expected float, got 'abc'"),
     ("train.max_steps=2.5", "train.max_steps: expected int, got 2.5"),
     ("data.train_path=/nonexistent.jsonl", "data.train_path not found"),
-    ("loss.name=dpo", "loss.name must be sft, offgrpo or onpolicy"),
+    ("loss.name=ppo", "loss.name must be sft, offgrpo, onpolicy, dpo or rft"),
     ("model.path=/tmp", "set exactly one of model.path and model.init_config"),
     ("model.tokenizer=/nonexistent", "model.tokenizer not found"),
     ("loss.luffy_gamma=0.1", "loss.luffy_gamma replaces the clip"),
