@@ -15,7 +15,6 @@ in the interpreter (TRITON_INTERPRET=1, set here before anything imports triton)
 runs, so that a typo is found without a GPU. Numbers from --device cpu measure nothing about a GPU.
 """
 import json
-import math
 import os
 import platform
 import sys
@@ -45,6 +44,11 @@ def parse_args(part, argv=None):
     a = p.parse_args(argv)
     if a.device == "cpu" and not a.tiny:
         cli.fail(p.command, "--device cpu runs only with --tiny (the real shapes would take hours on a CPU)")
+    if a.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            cli.fail(p.command, "--device cuda: no CUDA GPU here (torch.cuda.is_available() is False; on a CPU: "
+                     "--device cpu --tiny)")
     why = cli.unwritable(a.out, directory=True)
     if why:
         cli.fail(p.command, f"--out {a.out}: {why}")
@@ -117,9 +121,7 @@ def run(part, body, argv=None):
 
 
 def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return str(x)
+    return str(x)  # (tensors, dtypes, paths in a record: their text)
 
 
 def synchronize(device):
