@@ -88,7 +88,7 @@ for part in $parts; do
   line=$(tail -n 1 "$out/$part.line")
   rm -f "$out/$part.line"
   if [ $rc = 124 ] || [ $rc = 137 ]; then
-    line="FAIL $part: over its budget of ${budget} s, killed (log: $out/$part.log)"
+    line="FAIL $part: over its budget of ${budget} s, killed (the checks it finished: $out/$part.json; log: $out/$part.log)"
   elif [ -z "$line" ] || [ ! -f "$out/$part.json" ]; then
     line="FAIL $part: exit $rc without a summary (log: $out/$part.log)"
   elif [ $rc != 0 ] && [ "${line%% *}" != FAIL ]; then

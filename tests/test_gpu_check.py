@@ -6,6 +6,7 @@ API) written by the tests, and is SKIPped without it. The parts' comparison logi
 numbers (the CPU cannot produce a GPU's)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,20 @@ def test_a_part_over_its_budget_is_killed_and_fails(tmp_path):
                env={"GPU_CHECK_BUDGET_SCALE": "0.001"})
     assert proc.returncode == 1 and proc.stdout.splitlines()[1].startswith("FAIL kernels: over its budget of 1 s")
     assert json.loads((tmp_path / "kernels.json").read_text())["status"] == "fail"
+
+
+def test_a_killed_part_keeps_the_checks_it_finished(tmp_path):
+    """SIGTERM (what `timeout` sends at the budget) mid-part: FAIL, exit 1, the JSON holds the checks done so far."""
+    code = ("import sys, time\nfrom benchmarks.gpu_check import common\n"
+            "def body(args, rep):\n    rep.check('first', True)\n    print('in body', flush=True)\n    time.sleep(300)\n"
+            "common.run('kernels', body, ['--device', 'cpu', '--tiny', '--out', sys.argv[1]])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "in body"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and out.startswith("FAIL kernels: killed by SIGTERM"), out
+    rec = json.loads((tmp_path / "kernels.json").read_text())
+    assert rec["status"] == "fail" and rec["checks"] == [{"name": "first", "ok": True}]
 
 
 # --------------------------------------------------------------------------- the comparisons, on made-up numbers

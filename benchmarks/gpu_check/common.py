@@ -17,6 +17,7 @@ runs, so that a typo is found without a GPU. Numbers from --device cpu measure n
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -32,6 +33,15 @@ GIB = 2**30
 
 class Skip(Exception):
     """Raised by a part that cannot run here for a reason that is not a failure (vllm not installed)."""
+
+
+class Killed(BaseException):
+    """SIGTERM (the launcher's `timeout` at the part's budget): the part stops and records what it has done so far.
+    A BaseException, so that a part's own `except Exception` (a variant that raised) does not swallow it."""
+
+
+def _on_sigterm(signum, frame):
+    raise Killed("killed by SIGTERM (over the launcher's time budget)")
 
 
 def parse_args(part, argv=None):
@@ -91,16 +101,19 @@ def device_info(device):
 
 def run(part, body, argv=None):
     """Parse the arguments, run body(args, report) -> summary text, write <out>/<part>.json, print the one line,
-    exit. A raised Skip is SKIP; any other exception, or a failed check, is FAIL."""
+    exit. A raised Skip is SKIP; any other exception, a failed check, or SIGTERM (Killed) is FAIL."""
     args = parse_args(part, argv)
     import torch
     device = torch.device(args.device)
     rep = Report(part, args)
     t0, status, error = time.time(), "pass", None
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         summary = body(args, rep)
     except Skip as e:
         status, summary = "skip", str(e)
+    except Killed as e:  # the checks done so far stay in the JSON
+        status, summary = "fail", f"{e} after {len(rep.checks)} checks ({len(rep.failed())} failed)"
     except Exception as e:  # noqa: BLE001 -- a part's failure is a FAIL line; the traceback goes to the JSON + log
         error = traceback.format_exc()
         print(error, file=sys.stderr, flush=True)
