@@ -218,7 +218,9 @@ def test_train_comparisons_use_the_stated_tolerances():
     assert [c["ok"] for c in rep2.checks] == [True, False, True] and bitwise is False
 
 
-def test_speed_names_the_autotune_pick_by_its_candidate():
+def test_speed_reads_the_autotune_pick_from_the_autotuner_launches_use():
+    """The autotuner the launcher builds (triton_logprob._tuned, one per kernel and candidate list) holds the pick
+    per key in .cache; the part names it by its index in tiles_for's list (a pick is planted: nothing runs here)."""
     import triton
 
     import triton_logprob as tlp
@@ -227,3 +229,11 @@ def test_speed_names_the_autotune_pick_by_its_candidate():
     cfg = triton.Config(t.meta, num_warps=t.num_warps, num_stages=t.num_stages)
     assert speed._candidate_index(cfg, cands) == 1
     assert speed._candidate_index(triton.Config({**t.meta, "BLOCK_N": 32}, num_warps=4, num_stages=1), cands) is None
+    tuner = tlp._tuned(tlp._dz_kernel, cands)
+    key = (3584, 152064, 2048, "torch.bfloat16")
+    tuner.cache[key] = cfg
+    try:
+        picks = speed.picks_of((9, 0))
+    finally:
+        del tuner.cache[key]
+    assert picks["dz"][str(key)] == {**t.meta, "num_warps": t.num_warps, "num_stages": t.num_stages, "candidate": 1}

@@ -98,7 +98,13 @@ def autotune_picks(device):
     if device.type != "cuda" or not tlp.AUTOTUNE:
         return {"note": "no autotuning here (the interpreter launches the first candidate)"}
     props = torch.cuda.get_device_properties(device)
-    fwd, dz = tlp.tiles_for((props.major, props.minor), torch.bfloat16)
+    return picks_of((props.major, props.minor))
+
+
+def picks_of(capability):
+    """{"fwd" | "dz": {autotuning key: the chosen config and its index in tiles_for's candidates}}."""
+    import triton_logprob as tlp
+    fwd, dz = tlp.tiles_for(capability, torch.bfloat16)
     picks = {}
     for name, kernel, cands in (("fwd", tlp._fwd_kernel, fwd), ("dz", tlp._dz_kernel, dz)):
         tuner = tlp._tuned(kernel, cands)
