@@ -102,5 +102,6 @@ for part in $parts; do
   echo "$line"
   case ${line%% *} in PASS) passed=$((passed + 1)) ;; SKIP) skipped=$((skipped + 1)) ;; *) failed=$((failed + 1)) ;; esac
 done
-echo "gpu_check: $passed passed, $failed failed, $skipped skipped in $(( $(date +%s) - start )) s; numbers in $out/<part>.json, logs in $out/<part>.log"
+echo "gpu_check: $passed passed, $failed failed, $skipped skipped in $(( $(date +%s) - start )) s;" \
+  "numbers in $out/<part>.json, logs in $out/<part>.log"
 [ $failed = 0 ]

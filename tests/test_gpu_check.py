@@ -181,7 +181,8 @@ def test_a_part_over_its_budget_is_killed_and_fails(tmp_path):
 def test_a_killed_part_keeps_the_checks_it_finished(tmp_path):
     """SIGTERM (what `timeout` sends at the budget) mid-part: FAIL, exit 1, the JSON holds the checks done so far."""
     code = ("import sys, time\nfrom benchmarks.gpu_check import common\n"
-            "def body(args, rep):\n    rep.check('first', True)\n    print('in body', flush=True)\n    time.sleep(300)\n"
+            "def body(args, rep):\n    rep.check('first', True)\n    print('in body', flush=True)\n"
+            "    time.sleep(300)\n"
             "common.run('kernels', body, ['--device', 'cpu', '--tiny', '--out', sys.argv[1]])\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "in body"
@@ -212,7 +213,8 @@ def test_train_comparisons_use_the_stated_tolerances():
     train_check.compare_device_cpu(rep, "x", dev, cpu, rep.args)
     ok = {c["name"]: c["ok"] for c in rep.checks}
     assert ok == {"x step 1 loss": True, "x step 1 grad_norm": True, "x step 2 loss": False,
-                  "x step 2 grad_norm": False, "x steps": True, "x ran on the GPU (its losses differ from fp32's)": True}
+                  "x step 2 grad_norm": False, "x steps": True,
+                  "x ran on the GPU (its losses differ from fp32's)": True}
     rep2 = common.Report("train", None)
     rows, bitwise = train_check.compare_resume(rep2, cpu, [cpu[0], {**cpu[1], "loss": 0.1 + 2e-4}])
     assert [c["ok"] for c in rep2.checks] == [True, False, True] and bitwise is False

@@ -147,7 +147,8 @@ def body(args, rep):
         if device.type == "cuda":
             torch.cuda.empty_cache()  # (the next case's reference needs the room; this is a test harness)
     rep.data["cases"] = results
-    rep.data["tolerances"] = {"logp_entropy_abs": TOL_LOGP, "grad_rel_norm": TOL_GRAD_NORM, "grad_rel_max": TOL_GRAD_MAX}
+    rep.data["tolerances"] = {"logp_entropy_abs": TOL_LOGP, "grad_rel_norm": TOL_GRAD_NORM,
+                              "grad_rel_max": TOL_GRAD_MAX}
     fmt = lambda b: (f"{b} logp {worst[(b, 'logp_max_abs')]:.1e} dh {worst[(b, 'dh_rel_norm')]:.1e} "  # noqa: E731
                      f"dW {worst[(b, 'dW_rel_norm')]:.1e}")
     return (f"{len(results)} cases ({', '.join(results)}), worst vs fp32: {fmt('triton')}; {fmt('torch')} "

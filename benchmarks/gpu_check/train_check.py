@@ -94,8 +94,9 @@ def compare_device_cpu(rep, name, dev, cpu, args):
         dl, dg = abs(a["loss"] - b["loss"]), abs(a["grad_norm"] - b["grad_norm"])
         rows.append({"step": a["step"], "loss_device": a["loss"], "loss_cpu": b["loss"], "loss_diff": dl,
                      "grad_norm_device": a["grad_norm"], "grad_norm_cpu": b["grad_norm"]})
-        rep.check(f"{name} step {a['step']} loss", math.isfinite(a["loss"]) and dl <= LOSS_RTOL * abs(b["loss"]) + LOSS_ATOL,
-                  device=a["loss"], cpu=b["loss"], diff=dl, tol=LOSS_RTOL * abs(b["loss"]) + LOSS_ATOL)
+        tol = LOSS_RTOL * abs(b["loss"]) + LOSS_ATOL
+        rep.check(f"{name} step {a['step']} loss", math.isfinite(a["loss"]) and dl <= tol, device=a["loss"],
+                  cpu=b["loss"], diff=dl, tol=tol)
         rep.check(f"{name} step {a['step']} grad_norm", dg <= GRAD_RTOL * abs(b["grad_norm"]) + 1e-6,
                   device=a["grad_norm"], cpu=b["grad_norm"], rel=dg / max(abs(b["grad_norm"]), 1e-12))
     rep.check(f"{name} steps", len(dev) == len(cpu) and len(dev) > 0, device_steps=len(dev), cpu_steps=len(cpu))
@@ -153,7 +154,8 @@ def body(args, rep):
                      run("bias05_part"), log=resumed_log)
     rep.data["bias05"] = compare_device_cpu(rep, "bias05", m["bias05_device"], m["bias05_cpu"], args)
     rep.data["resume"], bitwise = compare_resume(rep, m["bias05_device"], resumed)
-    rep.check("stopped run saved a state", os.path.isdir(os.path.join(run("bias05_part"), "ckpt", f"step-{steps // 2}")))
+    rep.check("stopped run saved a state",
+              os.path.isdir(os.path.join(run("bias05_part"), "ckpt", f"step-{steps // 2}")))
     check_onpolicy(rep, m["onpolicy_device"], run("onpolicy_device"), on_steps)
     rep.data["onpolicy"] = m["onpolicy_device"]
     rep.data["resume_bitwise"] = bitwise
@@ -163,7 +165,8 @@ def body(args, rep):
     return (f"device vs CPU fp32 loss |diff| max: base {worst(rep.data['base']):.2g} ({base_steps} steps), bias05 "
             f"{worst(rep.data['bias05']):.2g} ({steps}); resume at {steps // 2}: max diff "
             f"{max((r['diff'] for r in rep.data['resume']), default=float('nan')):.2g} (bitwise {bitwise}); "
-            f"onpolicy {len(m['onpolicy_device'])} steps, reward {[r['data/reward_mean'] for r in m['onpolicy_device']]}")
+            f"onpolicy {len(m['onpolicy_device'])} steps, reward "
+            f"{[round(r['data/reward_mean'], 3) for r in m['onpolicy_device']]}")
 
 
 if __name__ == "__main__":

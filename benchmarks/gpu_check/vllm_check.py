@@ -79,7 +79,8 @@ def sleep_and_wake(rep, engine, model, prompts, greedy, trim, reference, device)
     synced = trim(engine.generate(prompts, **greedy))
     rep.check("sync on a sleeping engine: same answers", same(synced, reference) >= SAME_SELF * n,
               same=same(synced, reference), of=n)
-    return {"freed_gib": freed, "same_after_wake": same(woken, reference), "same_after_sleep_sync": same(synced, reference)}
+    return {"freed_gib": freed, "same_after_wake": same(woken, reference),
+            "same_after_sleep_sync": same(synced, reference)}
 
 
 def body(args, rep):
