@@ -57,6 +57,12 @@ print(f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, torch
 else
   header="CPU fallbacks (the Triton interpreter): code paths only, no GPU numbers"
 fi
+# `benchmarks` is a directory without __init__.py: an installed regular package of that name would win the import.
+if ! where=$("$py" -c 'import benchmarks.gpu_check.common as c; print(c.__file__)' 2>&1) \
+    || [ "$where" != "$PWD/benchmarks/gpu_check/common.py" ]; then
+  echo "gpu_check.sh: 'import benchmarks.gpu_check' does not find this repository's (${where##*$'\n'})" >&2
+  exit 1
+fi
 mkdir -p "$out" 2>/dev/null && [ -w "$out" ] || fail_args "--out $out: cannot be created or written"
 
 # Time budget per part in seconds (a part over it is killed and FAILs): full | --quick | --tiny | --device cpu.
@@ -77,7 +83,10 @@ module_of() { case $1 in memory) echo memory_check ;; train) echo train_check ;;
 flags=(--out "$out" --device "$device")
 [ $quick = 1 ] && flags+=(--quick)
 [ $tiny = 1 ] && flags+=(--tiny)
-echo "gpu_check: $header; parts: $parts; results in $out"
+mode=full
+[ $quick = 1 ] && mode=quick
+[ $tiny = 1 ] && mode=tiny
+echo "gpu_check: $header; $mode; parts: $parts; results in $out"
 start=$(date +%s) failed=0 passed=0 skipped=0
 for part in $parts; do
   budget=$(budget_of "$part")

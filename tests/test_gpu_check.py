@@ -126,6 +126,15 @@ def test_a_part_alone_refuses_like_the_launcher(tmp_path, args, message):
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_an_installed_benchmarks_package_that_shadows_the_parts_is_one_line(tmp_path):
+    """`benchmarks` has no __init__.py, so a regular package of that name elsewhere on the path wins its import."""
+    (tmp_path / "site" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "site" / "benchmarks" / "__init__.py").write_text("")
+    proc = run("--device", "cpu", "--tiny", "--out", str(tmp_path / "out"), env={"PYTHONPATH": str(tmp_path / "site")})
+    assert proc.returncode == 1 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert "does not find this repository's" in proc.stderr and not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- every part on the CPU fallbacks
 
 def test_every_part_runs_on_the_cpu_fallbacks(tmp_path):
