@@ -3,7 +3,7 @@ checked against the config by train.load_config (its keys and values) before the
 
     python launch/sweep_grid.py NAME CONFIG SEEDS key=v1,v2 [key2=w1,w2 ...] -- [fixed overrides ...]
 
-Rows are named by their overrides (`loss.all_positive_bias=0.1`, several keys joined by `,`), in grid order
+Rows are named by their overrides (`loss.all_positive_bias=0.1`, several keys joined by `,`, '/' as '_'), in grid order
 (the first key varies slowest). Bad input: one line `sweep.sh: error: ...`, exit 2 (cli.py's convention)."""
 import itertools
 import os
@@ -58,9 +58,9 @@ def main(argv: list[str]) -> None:
             train.load_config(config, point + fixed, check_paths=False)
         except train.ConfigError as e:
             cli.fail("sweep.sh", f"{' '.join(point + fixed)}: {e}")
-        row = ",".join(point)
-        if "/" in row or "\t" in row or row.startswith("."):
-            cli.fail("sweep.sh", f"grid point {row!r}: a value with '/' or a tab cannot name a run directory")
+        row = ",".join(point).replace("/", "_")  # (a path value, e.g. data.train_path, names a directory too)
+        if "\t" in row or " " in row or row.startswith("."):
+            cli.fail("sweep.sh", f"grid point {row!r}: a value with a space or tab cannot name a run directory")
         rows.append(f"{row}\t{' '.join(point)}")
     print("\n".join(rows))
 
