@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted(p for p in [*ROOT.glob("*.py"), *ROOT.glob("eval/*.py"), *ROOT.glob("benchmarks/*.py"),
+SOURCES = sorted(p for p in [*ROOT.glob("*.py"), *ROOT.glob("eval/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("benchmarks/gpu_check/*.py"),
                              *ROOT.glob("launch/*.py")])
 
 
