@@ -5,6 +5,7 @@ weights) and grades with reward.py / eval.math; cfg is train.py's Config.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -17,7 +18,9 @@ import exports
 import model_utils as mu
 import reward
 from eval.metrics import summarize
-from dist_utils import print0
+from dist_utils import max_over_ranks, print0
+
+DECODE_STEP_BOUND_S = 0.1  # assumed bound on one decode step of one generate call (7B HF generate: tens of ms)
 
 
 def resolve_backend(cfg, device_type: str) -> str:
@@ -98,6 +101,7 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
     mine = records[d.rank::d.world_size]
     prompt_ids = [tokenizer(eval_math.build_prompt(tokenizer, rec["problem"], instruction),
                             add_special_tokens=False)["input_ids"] for rec in mine]
+    group = _gather_group(cfg, d, [len(p) for p in prompt_ids for _ in range(vc.n)])
     responses = policy_generate(model, tokenizer, [p for p in prompt_ids for _ in range(vc.n)], engine,
                                 max_new_tokens=vc.max_new_tokens, temperature=vc.temperature, top_p=vc.top_p,
                                 seed=cfg.train.seed * 1_000_003 + epoch * 7919 + d.rank,
@@ -108,7 +112,8 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
         text = tokenizer.decode(resp, skip_special_tokens=True)
         samples.append(eval_math.grade(mine[i // vc.n], i % vc.n, text, len(resp), not done))
     gathered = [None] * d.world_size
-    dist.all_gather_object(gathered, samples)
+    dist.all_gather_object(gathered, samples, group=group)  # (early ranks wait here for the slowest)
+    dist.destroy_process_group(group)
     exports.export(model, tokenizer, os.path.join(cfg.output_dir, "hf"), f"epoch-{epoch}", step, dist=d,
                    keep_steps=cfg.train.keep_hf)
     if d.rank == 0:
@@ -129,6 +134,16 @@ def validate_epoch(cfg, d, model, tokenizer, records: list[dict], metrics, *, ep
                 json.dump({"epoch": epoch, "step": step, "scores": scores}, f)
             os.replace(best_path + ".tmp", best_path)  # (a kill between the two: the resumed run repeats this)
     dist.barrier()
+
+
+def _gather_group(cfg, d, prompt_lengths: list[int]):
+    """A gloo group for validation's gather, made before decoding (its creation is collective), whose timeout
+    covers the slowest rank's decoding: train.collective_timeout_s + the most generate calls any rank makes x
+    validation.max_new_tokens x DECODE_STEP_BOUND_S. Ranks decode collective-free, so the early ones wait in
+    that gather for as long as the slowest takes -- longer than the default group's timeout allows."""
+    calls = len(mu.generation_chunks(prompt_lengths, cfg.validation.max_new_tokens, cfg.rollout.max_batch_tokens))
+    budget = max_over_ranks(calls, d.device) * cfg.validation.max_new_tokens * DECODE_STEP_BOUND_S
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s + budget))
 
 
 def write_samples(cfg, d, model, tokenizer, items: list[dict], step: int) -> None:

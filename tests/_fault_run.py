@@ -14,7 +14,8 @@ checkpoint.save_state calls, then runs train.main unchanged:
                       (ref_logprobs/rank<R>/shard-*.tmp): <step> - 1 shards committed, a peer left waiting;
   sigterm_in_prepass  the rank sends SIGTERM to its torchrun launcher (which passes it to every worker) once
                       its <step>-th pre-pass shard is committed; its micro-batches take 0.2 s each from the start,
-                      so the pre-pass is still running when the signal arrives.
+                      so the pre-pass is still running when the signal arrives;
+  slow_validation     the rank sleeps <step> seconds after its validation samples are decoded (a slow rank).
 Before train.main, rank 0 of every attempt appends what a fresh process finds to OFFGRPO_PROBE:
 {"attempt", "latest": checkpoint.latest_state(ckpt), "dirs": {name: has COMPLETE} for each dir in ckpt/}.
 """
@@ -85,6 +86,16 @@ def inject(kind: str, step: int, rank: int) -> None:
                 time.sleep(0.2)
                 return rows_batch(*args, **kwargs)
             reference._rows_batch = slow_rows_batch
+    elif kind == "slow_validation":
+        import sampling
+        import time
+        generate = sampling.policy_generate
+
+        def slow_generate(*args, **kwargs):
+            out = generate(*args, **kwargs)
+            time.sleep(step)
+            return out
+        sampling.policy_generate = slow_generate
     else:
         raise ValueError(f"unknown fault {kind!r}")
 

@@ -250,6 +250,28 @@ def test_sigterm_inside_the_prepass_exits_0_with_its_shards(lab, prepass_referen
     assert_same_prepass(prepass_reference, out)
 
 
+# --------------------------------------------------------------------------- 3c. a slow rank in validation
+
+def test_a_rank_slow_in_validation_does_not_kill_the_job(lab):
+    """Rank 1 finishes its validation samples 25 s after rank 0, past train.collective_timeout_s = 15 s: the
+    gather waits on a group of its own whose timeout covers the validation budget (15 s + calls x 300 new
+    tokens x 0.1 s), so the run validates, exports and ends."""
+    out = lab["root"] / "slow_validation"
+    cfg = config(lab, max_steps=-1, epochs=1, collective_timeout_s=15)
+    cfg["data"]["num_questions"] = 4  # 2 steps, then the epoch's validation
+    cfg["validation"] = {"data": str(lab["data"] / "eval_id.jsonl"), "every_epochs": 1, "n": 2,
+                         "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 300, "instruction": False}
+    faults = [{"kind": "slow_validation", "step": 25, "rank": 1}]
+    proc = start(out, cfg, script="tests/_fault_run.py",
+                 env={"OFFGRPO_FAULTS": json.dumps(faults), "OFFGRPO_PROBE": str(out) + ".probe.jsonl"})
+    t0 = time.time()
+    rc, log = finish(proc)
+    assert rc == 0, log[-5000:]
+    assert time.time() - t0 > 25  # the slow rank really was slow
+    assert [r["val/epoch"] for r in metrics(out) if "val/epoch" in r] == [1]
+    assert os.path.isdir(out / "hf" / "epoch-1") and os.path.islink(out / "hf" / "final")
+
+
 # --------------------------------------------------------------------------- 4. bad configs
 
 def run_plain(cfg_path, *overrides):
