@@ -24,38 +24,27 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 import data
+import token_cache
 import dist_utils
 import packing
 from dist_utils import print0
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+from eval.inputs import model_hash
 
 
 def ref_fingerprint(cfg, d, tokenizer, dataset) -> dict:
-    """What the cached log-probs depend on: the data file's contents, the questions kept (cache keys are their
-    indices), how they are tokenised and cut, the reference model's identity (config.json contents + weight
-    files' names, sizes and mtimes: hashing 15 GB of weights at every start would cost minutes) and the world
-    size (the cache is sharded by rank)."""
-    tok = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template], sort_keys=True)
+    """What the cached log-probs depend on, from what the run uses (not the whole data file, not paths or mtimes):
+    the token copy's identity (token_cache.identity: the data index and the texts of the questions it holds, the
+    draw, the tokenizer and chat template, max_len / overlong / group_size), the questions kept (cache keys are
+    their indices, in order), the reference model's identity (eval.inputs.model_hash: config.json and the weight
+    files' names, sizes and sampled blocks: a copied or moved model is the same model, a retrained one is not)
+    and the world size (the cache is sharded by rank). `tokenizer` is part of the token copy's identity."""
     if cfg.model.path is not None:
-        files = sorted(f for f in os.listdir(cfg.model.path) if f.endswith((".safetensors", ".json")))
-        stats = [(f, os.stat(os.path.join(cfg.model.path, f)).st_size,
-                  os.stat(os.path.join(cfg.model.path, f)).st_mtime_ns) for f in files]
-        model_id = {"path": os.path.abspath(cfg.model.path), "files": stats,
-                    "config_sha256": _sha256_file(os.path.join(cfg.model.path, "config.json"))}
+        model_id = {"model_hash": model_hash(cfg.model.path)}
     else:
         model_id = {"init_config": cfg.model.init_config, "seed": cfg.train.seed}
     ids = json.dumps([rec["id"] for rec in dataset.records])  # the questions trained on (subset, drops), in order
-    fingerprint = {"data_sha256": _sha256_file(cfg.data.train_path), "max_len": cfg.data.max_len,
-                   "questions_sha256": hashlib.sha256(ids.encode()).hexdigest(),
-                   "group_size": cfg.data.group_size, "overlong": cfg.data.overlong,
-                   "tokenizer_sha256": hashlib.sha256(tok.encode()).hexdigest(), "model": model_id,
+    fingerprint = {"tokens": token_cache.identity(cfg.output_dir),
+                   "questions_sha256": hashlib.sha256(ids.encode()).hexdigest(), "model": model_id,
                    "world_size": d.world_size}
     if cfg.loss.name == "sft":  # SFT's cache holds only the positive responses (its loss reads no other)
         fingerprint["responses"] = "reward > 0"

@@ -159,3 +159,14 @@ def load_or_build(output_dir: str, build, fp: dict, path: str, tokenizer, datase
     dataset, chosen = _read(out_dir, tokenizer, dataset_kw)
     return dataset, chosen, {"reuse": "reused", "build": "built"}.get(action, action.replace("rebuild", "rebuilt"))
 
+
+
+def identity(output_dir: str) -> str:
+    """sha256 of the committed token copy's fingerprint and the texts it was made from: what a cache computed
+    from these tokens (reference.py's pre-pass) depends on."""
+    out_dir = os.path.join(output_dir, DIR)
+    with open(os.path.join(out_dir, "fingerprint.json")) as f:
+        fp = json.load(f)
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        texts = json.load(f)["texts_sha256"]
+    return _sha256([fp, texts])

@@ -25,8 +25,8 @@ weights are added to every phase, since the tracker follows one root module):
   validation   the same for validation sampling (validation.every_epochs > 0)
                (rollout.backend=vllm: both phases are phase_vllm_rollout -- the engine's preallocation and the
                weight sync's largest transient, computed; the policy stays sharded)
-  hf_export    each parameter gathered in full and dropped in turn, as get_model_state_dict(cpu_offload=True)
-               does (the full fp32 state dict then sits in rank 0's host memory: reported as host_gib)
+  hf_export    each parameter cast to the storage dtype on its shard, gathered in full and dropped in turn, as
+               model_utils.save_hf does (the full state dict in that dtype sits in rank 0's host memory: host_gib)
 
 The model's config.json comes from model.path when that directory exists, else from configs/models/<name of
 model.path> (shipped, so this runs offline). Exit 1 when a phase's peak exceeds --gpu-memory minus --reserve
@@ -199,7 +199,8 @@ def phase_vllm_rollout(cfg, model, optimizer, tracker_cls, *, gpu_memory_gib: fl
     """rollout.backend=vllm (vllm_engine.py). Measured: the persistent state (the policy stays sharded). Computed:
     the engine's preallocation, rollout.vllm_gpu_memory_utilization x the GPU's memory (its weights and KV cache
     live inside it), and the sync's largest transient: one decoder layer's full weights in bf16 plus one full
-    fp32 parameter. Outside rollouts the engine sleeps: its bf16 weights sit in host memory (host_gib)."""
+    fp32 parameter. Outside rollouts the engine sleeps at level 2: its weights are dropped, not kept in host
+    memory (host_gib 0; every sync loads them all again)."""
     with tracker_cls(model, optimizer) as t:
         measured = peak(t)
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -209,7 +210,7 @@ def phase_vllm_rollout(cfg, model, optimizer, tracker_cls, *, gpu_memory_gib: fl
     engine = cfg.rollout.vllm_gpu_memory_utilization * gpu_memory_gib
     out = dict(measured)
     out.update(peak_gib=measured["peak_gib"] + engine + sync, engine_gib=engine, sync_gib=sync,
-               host_gib=sum(p.numel() for p in model.parameters()) * 2 / GIB, computed=["engine_gib", "sync_gib"])
+               host_gib=0.0, computed=["engine_gib", "sync_gib"])
     out["activations"] += engine
     out["temporaries"] += sync
     return out
@@ -228,12 +229,15 @@ def validation_samples(cfg, world: int) -> int:
 
 
 def phase_hf_export(model, optimizer, tracker_cls):
+    """model_utils.save_hf: each parameter cast to the storage dtype on its shard, gathered in it, offloaded to
+    rank 0's host one tensor at a time: rank 0 ends up holding the full state dict in the storage dtype."""
+    dtype = model.config.dtype or torch.float32
     with tracker_cls(model, optimizer) as t:
         for p in model.parameters():
-            full = p.full_tensor()
+            full = p.to(dtype).full_tensor()
             del full
     out = peak(t)
-    out["host_gib"] = sum(p.numel() * 4 for p in model.parameters()) / GIB  # rank 0: the fp32 full state dict
+    out["host_gib"] = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8 / GIB
     return out
 
 
@@ -340,7 +344,8 @@ def main(argv=None):
             r = phases[name]
             print(f"{name}: {r['rows_per_call']} sequences per generate call; KV cache {r['kv_cache_gib']:.1f} GiB "
                   f"and logits {r['logits_gib']:.2f} GiB computed from the shapes")
-    print(f"hf_export: rank 0 holds the full fp32 state dict in host memory: {phases['hf_export']['host_gib']:.1f} GiB")
+    print(f"hf_export: rank 0 holds the full state dict in the storage dtype in host memory: "
+          f"{phases['hf_export']['host_gib']:.1f} GiB")
     host = host_data(cfg)
     print("data (host): " + (f"the token copy of the {cfg.data.num_questions} drawn questions, at most "
                              f"{host['token_copy_gib_per_node_max']:.1f} GiB per node" if cfg.data.num_questions else

@@ -295,6 +295,21 @@ def test_a_resume_does_not_read_the_base_weights(lab, tmp_path):
     assert_same_weights(full / "hf" / "final", part / "hf" / "final", atol=0)
 
 
+def test_a_copied_model_is_the_same_model_for_the_cached_reference(lab, tmp_path):
+    """The reference cache keys the model by its contents (config.json, weight names, sizes, sampled blocks), not
+    its path or mtimes: resumed with model.path pointing at a fresh copy of the base, the run continues and equals
+    the uninterrupted one (issue 26.7); the same copy with other weights would be refused."""
+    import shutil
+    cfg = grpo_config(lab, "x", loss={"ref_logprobs": "cached"}, max_steps=3, save_every=1)
+    full = run_train(tmp_path / "full", cfg, nproc=2)
+    part = tmp_path / "part"
+    run_train(part, cfg, nproc=2, extra=["train.stop_after=1"])
+    copy = tmp_path / "moved_base"
+    shutil.copytree(lab["base"], copy)  # another path, new mtimes, the same bytes
+    run_train(part, {**cfg, "model": {**cfg["model"], "path": str(copy)}}, nproc=2, extra=["train.resume=auto"])
+    assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]
+
+
 def test_onpolicy_rollouts_train_and_resume_exactly(lab):
     """On-policy: each rank samples its groups (collective-free decoding after one gather), scores them and
     trains; the rollout seeds follow the step, so a resumed run repeats the uninterrupted one exactly."""
