@@ -37,7 +37,7 @@ def check(a) -> tuple[int, int]:
         if not (i.isdigit() and n.isdigit() and int(i) < int(n)) or a.data_parallel > 1:
             cli.fail("eval.math", f"--shard {a.shard!r}: expected I/N with 0 <= I < N, without --data-parallel")
         shard = (int(i), int(n))
-    if max(shard[1], a.data_parallel) > a.n:
+    if a.n >= 1 and max(shard[1], a.data_parallel) > a.n:  # (--n < 1: _check_inputs names it)
         cli.fail("eval.math", f"--n {a.n}: fewer samples per problem than shards ({max(shard[1], a.data_parallel)})")
     return shard
 
