@@ -312,6 +312,8 @@ def build_data(cfg: Config, d, tokenizer, *, resuming: bool = False):
     are read and tokenised (data.tokenise_drawn), once per output_dir: rank 0 writes the token copy that every
     rank memory-maps and every restart reuses (token_cache). Returns (dataset, sampler, total optimizer steps)."""
     dcfg, path = cfg.data, cfg.data.train_path
+    Q = cfg.train.questions_per_step  # (before anything is read or written)
+    need(Q % d.world_size == 0, f"train.questions_per_step={Q} must be divisible by world size {d.world_size}")
     records = data.read_records(path, index_only=True)
     most = max(r["num_responses"] for r in records)
     if dcfg.group_size > most:  # before the draw: the cause, not its consequence on the weights
@@ -352,8 +354,6 @@ def build_data(cfg: Config, d, tokenizer, *, resuming: bool = False):
     if len(dataset) == 0:
         raise data.DataError(f"{path}: no question kept data.group_size={dcfg.group_size} "
                              f"responses ({len(records)} questions; the most responses any has: {most})")
-    Q = cfg.train.questions_per_step
-    need(Q % d.world_size == 0, f"train.questions_per_step={Q} must be divisible by world size {d.world_size}")
     sampler = data.GroupSampler(len(dataset), Q, rank=d.rank, world_size=d.world_size,
                                 seed=cfg.train.seed, weights=weights)
     per_epoch = len(dataset) if weights is None else sum(w > 0 for w in weights)  # an epoch skips weight 0

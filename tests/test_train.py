@@ -129,7 +129,7 @@ def test_blog_and_released_configs_differ_as_documented():
     ("loss.luffy_gamma=0.1", "loss.luffy_gamma replaces the clip"),
     ("train.loggers=[jsonl,tensorbord]", "train.loggers: unknown 'tensorbord'; valid: jsonl, tensorboard, wandb"),
     ("train.wandb_mode=offlne", "train.wandb_mode must be one of online, offline, disabled"),
-    ("rollout.backend=sglang", "rollout.backend must be hf or vllm, got 'sglang'"),
+    ("rollout.backend=sglang", "rollout.backend must be hf, vllm or auto, got 'sglang'"),
     ("rollout.backend=vllm", "rollout.backend=vllm starts its engine from model.path"),
 ])
 def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):
