@@ -243,12 +243,11 @@ def run(cfg: Config) -> None:
     stop = install_sigterm_handler()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path,
                                               trust_remote_code=cfg.model.trust_remote_code)
-    resuming = (cfg.train.resume == "auto"
-                and checkpoint.latest_state(os.path.join(cfg.output_dir, "ckpt")) is not None)
-    dataset, sampler, total_steps = build_data(cfg, d, tokenizer, resuming=resuming)
-    model, ref_model, optimizer = build_models(cfg, d, resuming=resuming)
+    latest = checkpoint.latest_state(os.path.join(cfg.output_dir, "ckpt")) if cfg.train.resume == "auto" else None
+    dataset, sampler, total_steps = build_data(cfg, d, tokenizer, resuming=latest is not None)
+    model, ref_model, optimizer = build_models(cfg, d, resuming=latest is not None)
     print0(f"model: {mu.num_params(model) / 1e6:.2f}M params, world {d.world_size}, {total_steps} steps")
-    step, nonfinite_total, validated = resume(cfg, d, model, optimizer, sampler)
+    step, nonfinite_total, validated = resume(cfg, d, latest, model, optimizer, sampler)
     ref_cache = None
     if (cfg.loss.kl_coef > 0 or cfg.loss.name == "dpo") and cfg.loss.ref_logprobs == "cached":
         ref_cache = reference.prepare(cfg, d, lambda batch: logprobs(cfg, d, model, batch), dataset, tokenizer,
@@ -394,11 +393,11 @@ def logprobs(cfg: Config, d, model, batch, entropy=False):
 
 # --------------------------------------------------------------------------- resume
 
-def resume(cfg: Config, d, model, optimizer, sampler) -> tuple[int, int, int]:
-    """Newest complete state under ckpt/ (model, optimizer, sampler, RNG, step) when train.resume=auto;
-    metrics.jsonl rows of steps (and validations) that will be re-run are dropped. Returns (step, non-finite
-    steps so far, epochs validated)."""
-    latest = checkpoint.latest_state(os.path.join(cfg.output_dir, "ckpt")) if cfg.train.resume == "auto" else None
+def resume(cfg: Config, d, latest: str | None, model, optimizer, sampler) -> tuple[int, int, int]:
+    """`latest`: the newest complete state under ckpt/ when train.resume=auto (run() looked it up once: the data
+    and model builds decided by it too). Loads model, optimizer, sampler, RNG and step from it; metrics.jsonl rows
+    of steps (and validations) that will be re-run are dropped. Returns (step, non-finite steps so far, epochs
+    validated)."""
     step, nonfinite_total, validated = 0, 0, 0
     if latest is not None:
         try:
